@@ -1,0 +1,1 @@
+"""Consumers: the Kafka consumer groups (indexer, query answerer) and their loops."""

@@ -1,0 +1,49 @@
+"""`headwater` command line: builds Settings once and hands it to the chosen command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from headwater import __version__
+from headwater.commands import bench, documents, queries, stack, training
+from headwater.daemon import StackError
+from headwater.settings import Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="headwater",
+        description="Keep an LLM application's knowledge fresh: Kafka events -> Milvus -> answers.",
+    )
+    parser.add_argument("--version", action="version", version=f"headwater {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in (stack, documents, queries, training, bench):
+        group.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("kafka", "httpx", "urllib3", "filelock", "sentence_transformers"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        settings = Settings()
+        return int(args.func(settings, args) or 0)
+    except StackError as exc:
+        print(f"headwater: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

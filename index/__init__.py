@@ -1,0 +1,1 @@
+"""The index: chunking, embedding, the Milvus store and search."""

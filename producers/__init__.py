@@ -1,0 +1,1 @@
+"""Producers: the event schemas and everything that puts events on Kafka."""

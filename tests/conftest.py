@@ -1,0 +1,73 @@
+"""Session fixtures: one real Kafka broker and one Milvus Lite server for the whole test run.
+
+Both start on free ports in a temp dir. Each test gets its own topic and collection prefix, so
+tests never see each other's events or rows. When the stack cannot start (no Java, say), the
+tests that need it fail with the reason: they are never skipped silently.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from headwater.broker import LocalBroker
+from headwater.daemon import free_port
+from headwater.liteserver import LiteServer
+from headwater.settings import Settings
+from headwater.topics import ensure_topics
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings of the session's broker and Lite server (started here, stopped at the end)."""
+    data = tmp_path_factory.mktemp("stack")
+    base = Settings(
+        data_dir=data,
+        kafka_port=free_port(),
+        kafka_controller_port=free_port(),
+        milvus_port=free_port(),
+        partitions=3,
+        kafka_bootstrap=None,
+        milvus_uri=None,
+    )
+    broker = LocalBroker(base)
+    lite = LiteServer(base)
+    try:
+        broker.start()
+        lite.start()
+        yield base
+    finally:
+        broker.stop()
+        lite.stop()
+
+
+@pytest.fixture
+def settings(stack_settings: Settings, tmp_path: Path) -> Settings:
+    """Per-test settings on the session stack: own topics, collections, groups and data dir."""
+    tag = "t" + uuid.uuid4().hex[:10]
+    s = stack_settings.model_copy(
+        update={
+            "topic_prefix": tag,
+            "collection_prefix": tag,
+            "indexer_group": f"{tag}-indexer",
+            "query_group": f"{tag}-query",
+            "data_dir": tmp_path / "data",
+            "batch_max_ms": 50,
+            "freshness_wait_s": 30.0,
+        }
+    )
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_topics(s)
+    return s
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Models come from packages or local folders; never reach for a hub during tests.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,0 +1,95 @@
+"""The local stack on the real broker: produce/consume, persistence across restart, clear errors."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+
+import pytest
+from kafka.admin import NewTopic
+
+from headwater.broker import LocalBroker, java_check
+from headwater.cli import main
+from headwater.daemon import StackError, free_port
+from headwater.settings import Settings
+from headwater.topics import admin, consumer, producer
+
+
+def _roundtrip(settings: Settings, topic: str, n: int) -> list[bytes]:
+    c = consumer(settings, topic, group_id=None, consumer_timeout_ms=5000)
+    got = [m.value for m in c]
+    c.close()
+    assert len(got) == n
+    return got
+
+
+def test_broker_persists_topics_and_messages_across_restart(tmp_path):
+    s = Settings(
+        data_dir=tmp_path, kafka_port=free_port(), kafka_controller_port=free_port(), partitions=1
+    )
+    broker = LocalBroker(s)
+    assert broker.start() == f"127.0.0.1:{s.kafka_port}"
+    try:
+        topic = "persist-" + uuid.uuid4().hex[:6]
+        a = admin(s)
+        a.create_topics([NewTopic(topic, 1, 1)])
+        a.close()
+        p = producer(s)
+        for i in range(5):
+            p.send(topic, key=b"k", value=f"m{i}".encode()).get(30)
+        p.close()
+        assert _roundtrip(s, topic, 5) == [f"m{i}".encode() for i in range(5)]
+        assert broker.stop()
+        assert broker.status() is None
+        broker.start()
+        assert _roundtrip(s, topic, 5) == [f"m{i}".encode() for i in range(5)]
+    finally:
+        broker.stop()
+
+
+def test_cli_status_prints_bootstrap_last(stack_settings, monkeypatch, capsys):
+    monkeypatch.setenv("HEADWATER_DATA_DIR", str(stack_settings.data_dir))
+    monkeypatch.setenv("HEADWATER_KAFKA_PORT", str(stack_settings.kafka_port))
+    monkeypatch.setenv("HEADWATER_MILVUS_PORT", str(stack_settings.milvus_port))
+    assert main(["kafka", "status"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == stack_settings.bootstrap
+    assert main(["milvus", "status"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == stack_settings.milvus_address
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        s = Settings(data_dir=tmp_path, kafka_port=port, kafka_controller_port=free_port())
+        with pytest.raises(StackError, match=f"port {port} is in use"):
+            LocalBroker(s).start()
+
+
+def test_missing_java_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    with pytest.raises(StackError, match="Java 17"):
+        java_check()
+
+
+def test_external_bootstrap_starts_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HEADWATER_KAFKA_BOOTSTRAP", "kafka.example:9092")
+    monkeypatch.setenv("HEADWATER_DATA_DIR", str(tmp_path))
+    assert main(["kafka", "start"]) == 0
+    assert capsys.readouterr().out.strip() == "kafka.example:9092"
+    assert not (tmp_path / "kafka").exists()
+    with pytest.raises(StackError, match="points at another cluster"):
+        LocalBroker(Settings(kafka_bootstrap="kafka.example:9092"))
+
+
+def test_broker_that_dies_at_start_is_reported(tmp_path):
+    s = Settings(
+        data_dir=tmp_path,
+        kafka_port=free_port(),
+        kafka_controller_port=free_port(),
+        kafka_heap="1k",
+    )  # the JVM refuses such a heap and exits at once
+    with pytest.raises(StackError, match="exited with code"):
+        LocalBroker(s).start()

@@ -1,0 +1,1 @@
+"""Retraining: drift, the LoRA refresh policy and runs, the eval gate, the adapter registry."""
