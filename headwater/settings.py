@@ -166,8 +166,8 @@ class Settings(BaseSettings):
         return self.topic("adapters")
 
     @property
-    def drift_topic(self) -> str:
-        return self.topic("drift")
+    def changes_topic(self) -> str:
+        return self.topic("changes")
 
     @property
     def notifications_topic(self) -> str:

@@ -28,7 +28,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(settings.answers_topic),
         TopicSpec(settings.examples_topic),
         TopicSpec(settings.adapters_topic, compacted=True, partitions=1),
-        TopicSpec(settings.drift_topic, partitions=1),
+        TopicSpec(settings.changes_topic),
         TopicSpec(settings.notifications_topic),
         TopicSpec(settings.subscriptions_topic, compacted=True, partitions=1),
     ]

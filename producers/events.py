@@ -201,6 +201,35 @@ class AdapterAnnouncement(_Event):
     ts: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
+class ChangeEvent(_Event):
+    """What one applied document event changed in the index (published by the indexer).
+
+    Standing queries and drift accounting follow these instead of re-reading the index.
+    """
+
+    tenant: Tenant
+    doc_id: str
+    op: Literal["added", "changed", "deleted"]
+    version: int
+    previous_version: int | None = None
+    added_chunk_ids: list[str] = Field(default_factory=list)
+    removed_chunk_ids: list[str] = Field(default_factory=list)
+    kept_chunks: int = 0
+    # Sum of the added chunks' (normalised) embeddings: lets drift track the corpus centroid.
+    embedding_sum: list[float] | None = None
+    terms: list[str] = Field(default_factory=list, description="Distinct words of added chunks.")
+    event_ts: datetime | None = Field(default=None, description="ts of the source event.")
+    ts: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+def parse_query(raw: bytes | None) -> QueryEvent:
+    return _parse(QueryEvent, raw, None)
+
+
+def parse_example(raw: bytes | None) -> ExampleEvent:
+    return _parse(ExampleEvent, raw, None)
+
+
 def _parse(model: type[_Event], raw: bytes | None, limits: Limits | None) -> Any:
     if raw is None:
         raise EventError("empty message (null value)")
