@@ -67,6 +67,15 @@ def settings(stack_settings: Settings, tmp_path: Path) -> Settings:
     return s
 
 
+@pytest.fixture(scope="session")
+def embedder():
+    """The real default embedder (all-MiniLM-L6-v2 from its package), loaded once per session."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from index.embedder import load_embedder
+
+    return load_embedder(Settings())
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     # Models come from packages or local folders; never reach for a hub during tests.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -78,3 +78,19 @@ def start_stack(settings: Settings) -> None:
     if settings.uses_local_milvus:
         LiteServer(settings).start()
     ensure_topics(settings)
+
+
+def require_stack(settings: Settings) -> None:
+    """Fail fast with a clear message when the local services a command needs are down."""
+    from headwater.daemon import StackError, port_open
+
+    if settings.uses_local_kafka and not port_open("127.0.0.1", settings.kafka_port):
+        raise StackError(
+            f"no Kafka broker at {settings.bootstrap}: run `headwater kafka start` (or "
+            "`headwater up`), or set HEADWATER_KAFKA_BOOTSTRAP"
+        )
+    if settings.uses_local_milvus and not port_open("127.0.0.1", settings.milvus_port):
+        raise StackError(
+            f"no Milvus at {settings.milvus_address}: run `headwater milvus start` (or "
+            "`headwater up`), or set HEADWATER_MILVUS_URI"
+        )

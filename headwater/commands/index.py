@@ -1,0 +1,115 @@
+"""CLI commands of the index: `headwater indexer`, `headwater search`, `headwater verify`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+
+from headwater.commands.stack import require_stack
+from headwater.settings import Settings
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("indexer", help="run an indexer (a consumer-group member) until SIGTERM")
+    p.set_defaults(func=_indexer)
+
+    p = sub.add_parser("search", help="hybrid search of the fresh index")
+    p.add_argument("query")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--tenant", default=None)
+    p.add_argument(
+        "--fresh-as-of",
+        dest="token",
+        default=None,
+        metavar="TOKEN",
+        help="wait (bounded) until the index has applied this freshness token",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_search)
+
+    p = sub.add_parser("verify", help="compare the index with the documents topic (the truth)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_verify)
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM/SIGINT, so loops finish their batch and commit before exiting."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _indexer(settings: Settings, args: argparse.Namespace) -> int:
+    from consumers.indexer import Indexer
+
+    require_stack(settings)
+    stop = stop_on_signals()
+    Indexer(settings).run(stop)
+    return 0
+
+
+def _search(settings: Settings, args: argparse.Namespace) -> int:
+    from index.embedder import load_embedder
+    from index.search import Searcher, SearchError
+    from index.store import ChunkStore
+
+    require_stack(settings)
+    embedder = load_embedder(settings)
+    store = ChunkStore(settings, embedder.model_id, embedder.dim)
+    tenant = args.tenant or settings.default_tenant
+    try:
+        hits = Searcher(settings, embedder, store).search(
+            args.query, tenant=tenant, k=args.k, token=args.token
+        )
+    except SearchError as exc:
+        print(f"headwater: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        keys = ("doc_id", "version", "chunk_id", "score", "text")
+        print(json.dumps({"hits": [{k: getattr(h, k) for k in keys} for h in hits]}))
+        return 0
+    if not hits:
+        print("no results")
+    for i, h in enumerate(hits, 1):
+        where = f"{h.doc_id} (v{h.version})" + (f" § {h.section}" if h.section else "")
+        print(f"[{i}] {h.score:.4f}  {where}")
+        print("    " + " ".join(h.text.split())[:300])
+    return 0
+
+
+def _verify(settings: Settings, args: argparse.Namespace) -> int:
+    from index.embedder import load_embedder
+    from index.store import ChunkStore
+    from index.verify import expected_index, read_documents_topic, verify
+    from index.writer import IndexWriter
+
+    require_stack(settings)
+    embedder = load_embedder(settings)
+    store = ChunkStore(settings, embedder.model_id, embedder.dim)
+    writer = IndexWriter(settings, embedder, store)
+    expected = expected_index(read_documents_topic(settings), writer.chunk)
+    report = verify(store, expected)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        for name in (
+            "docs",
+            "chunks",
+            "missing",
+            "stale",
+            "duplicates",
+            "leaked",
+            "deleted_present",
+            "wrong_version",
+        ):
+            print(f"{name:>16}: {getattr(report, name)}")
+        for line in report.examples:
+            print(f"  - {line}")
+        print(
+            "OK: the index equals the latest version of every document" if report.ok else "MISMATCH"
+        )
+    return 0 if report.ok else 1

@@ -1,0 +1,381 @@
+"""The Milvus side of the index: a chunk collection and a document-state collection.
+
+Chunk rows are keyed by content-derived chunk id, so an unchanged chunk is never rewritten. The
+document-state row (live version, live chunk ids, tombstone) is the swap point: search keeps only
+hits whose chunk id is in its document's live set, so a reader never sees two versions mixed,
+and a delete or a late older event cannot resurrect text.
+
+Every value that reaches a filter expression is a hex digest or a validated tenant id, so no
+document id or user text is ever spliced into a Milvus expression.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pymilvus import (
+    AnnSearchRequest,
+    DataType,
+    Function,
+    FunctionType,
+    MilvusClient,
+    MilvusException,
+    RRFRanker,
+)
+
+from headwater.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+TEXT_MAX = 65_535
+QUERY_CHUNK = 500  # ids per `in [...]` expression, to keep expressions small
+
+
+class StoreError(RuntimeError):
+    """Milvus refused or could not be reached; the write can be retried."""
+
+
+def doc_key(tenant: str, doc_id: str) -> str:
+    """Stable, filter-safe key of one document (sha1 of tenant and doc id)."""
+    return hashlib.sha1(f"{tenant}\x00{doc_id}".encode()).hexdigest()
+
+
+def lit(value: str) -> str:
+    """A filter-expression string literal, only for ids of the safe charset (defence in depth)."""
+    if not _SAFE.match(value):
+        raise ValueError(f"refusing to put {value!r} into a filter expression")
+    return f'"{value}"'
+
+
+def _in(field_name: str, values: Iterable[str]) -> str:
+    return f"{field_name} in [{', '.join(lit(v) for v in values)}]"
+
+
+@dataclass(frozen=True)
+class DocState:
+    """What the index holds for one document: its live version and chunks, or a tombstone."""
+
+    key: str
+    tenant: str
+    doc_id: str
+    version: int
+    deleted: bool
+    chunk_ids: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChunkRow:
+    chunk_id: str
+    tenant: str
+    doc_key: str
+    doc_id: str
+    version: int
+    section: str
+    text: str
+    vector: Sequence[float]
+
+
+@dataclass(frozen=True)
+class RawHit:
+    chunk_id: str
+    doc_key: str
+    doc_id: str
+    section: str
+    text: str
+    score: float
+
+
+class ChunkStore:
+    """Chunk and document-state collections for one embedding model (name carries id and dim)."""
+
+    def __init__(
+        self, settings: Settings, model_id: str, dim: int, client: MilvusClient | None = None
+    ) -> None:
+        self.settings = settings
+        self.dim = dim
+        self.chunks = f"{settings.collection_prefix}_chunks_{model_id}_{dim}"
+        self.docs = f"{settings.collection_prefix}_docs_{model_id}_{dim}"
+        self.alias = f"{settings.collection_prefix}_chunks"
+        self.client = client or MilvusClient(**settings.milvus_client_config())
+        self.hybrid = True
+        self._lock = threading.Lock()
+        self._ensure()
+
+    # -- schema --------------------------------------------------------------------------------
+    def _ensure(self) -> None:
+        if self.client.has_collection(self.chunks):
+            desc = self.client.describe_collection(self.chunks)
+            self.hybrid = any(f["name"] == "sparse" for f in desc["fields"])
+        else:
+            try:
+                self._create_chunks(bm25=True)
+            except MilvusException as exc:
+                # Older servers (e.g. Milvus 2.3) have no BM25 function: dense search only.
+                log.warning("BM25 unavailable (%s); creating a dense-only collection", exc)
+                self._drop_if_exists(self.chunks)
+                self._create_chunks(bm25=False)
+                self.hybrid = False
+        if not self.client.has_collection(self.docs):
+            self._create_docs()
+        for name in (self.chunks, self.docs):
+            self.client.load_collection(name)
+
+    def _create_chunks(self, *, bm25: bool) -> None:
+        s = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
+        s.add_field("chunk_id", DataType.VARCHAR, max_length=64, is_primary=True)
+        s.add_field("tenant", DataType.VARCHAR, max_length=64)
+        s.add_field("doc_key", DataType.VARCHAR, max_length=40)
+        s.add_field("doc_id", DataType.VARCHAR, max_length=2048)
+        s.add_field("version", DataType.INT64)
+        s.add_field("section", DataType.VARCHAR, max_length=2048)
+        if bm25:
+            s.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX, enable_analyzer=True)
+        else:
+            s.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX)
+        s.add_field("dense", DataType.FLOAT_VECTOR, dim=self.dim)
+        idx = self.client.prepare_index_params()
+        idx.add_index("dense", index_type="AUTOINDEX", metric_type="COSINE")
+        if bm25:
+            s.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+            s.add_function(
+                Function(
+                    name="text_bm25",
+                    function_type=FunctionType.BM25,
+                    input_field_names=["text"],
+                    output_field_names=["sparse"],
+                )
+            )
+            idx.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+        self._create(self.chunks, s, idx)
+
+    def _create_docs(self) -> None:
+        s = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
+        s.add_field("doc_key", DataType.VARCHAR, max_length=40, is_primary=True)
+        s.add_field("tenant", DataType.VARCHAR, max_length=64)
+        s.add_field("doc_id", DataType.VARCHAR, max_length=2048)
+        s.add_field("version", DataType.INT64)
+        s.add_field("deleted", DataType.BOOL)
+        s.add_field("chunk_ids", DataType.JSON)
+        s.add_field("metadata", DataType.JSON)
+        # Milvus requires a vector field; document state is only ever read by key.
+        s.add_field("nil", DataType.FLOAT_VECTOR, dim=2)
+        idx = self.client.prepare_index_params()
+        idx.add_index("nil", index_type="FLAT", metric_type="L2")
+        self._create(self.docs, s, idx)
+
+    def _create(self, name: str, schema: Any, index_params: Any) -> None:
+        try:
+            self.client.create_collection(
+                name, schema=schema, index_params=index_params, consistency_level="Strong"
+            )
+        except MilvusException as exc:
+            # Another indexer process created it first.
+            if not self.client.has_collection(name):
+                raise
+            log.debug("collection %s appeared concurrently: %s", name, exc)
+
+    def _drop_if_exists(self, name: str) -> None:
+        if self.client.has_collection(name):
+            self.client.drop_collection(name)
+
+    def point_alias(self) -> None:
+        """Make the model-independent alias name this collection (after a rebuild caught up)."""
+        try:
+            self.client.alter_alias(self.chunks, self.alias)
+        except MilvusException:
+            self.client.create_alias(self.chunks, self.alias)
+
+    # -- reads ---------------------------------------------------------------------------------
+    def doc_states(self, keys: Iterable[str]) -> dict[str, DocState]:
+        out: dict[str, DocState] = {}
+        keys = list(dict.fromkeys(keys))
+        for i in range(0, len(keys), QUERY_CHUNK):
+            rows = self._call(
+                self.client.query,
+                self.docs,
+                filter=_in("doc_key", keys[i : i + QUERY_CHUNK]),
+                output_fields=["doc_key", "tenant", "doc_id", "version", "deleted", "chunk_ids",
+                               "metadata"],
+            )  # fmt: skip
+            for r in rows:
+                out[r["doc_key"]] = DocState(
+                    key=r["doc_key"],
+                    tenant=r["tenant"],
+                    doc_id=r["doc_id"],
+                    version=int(r["version"]),
+                    deleted=bool(r["deleted"]),
+                    chunk_ids=tuple(r["chunk_ids"] or ()),
+                    metadata=dict(r["metadata"] or {}),
+                )
+        return out
+
+    def existing_chunks(self, chunk_ids: Iterable[str]) -> set[str]:
+        ids = list(dict.fromkeys(chunk_ids))
+        found: set[str] = set()
+        for i in range(0, len(ids), QUERY_CHUNK):
+            rows = self._call(
+                self.client.query,
+                self.chunks,
+                filter=_in("chunk_id", ids[i : i + QUERY_CHUNK]),
+                output_fields=["chunk_id"],
+            )
+            found.update(r["chunk_id"] for r in rows)
+        return found
+
+    def chunk_rows(self, chunk_ids: Iterable[str], *, vectors: bool = False) -> list[dict]:
+        """Stored rows for these chunk ids (text, section, doc; the vector when asked)."""
+        fields = ["chunk_id", "tenant", "doc_key", "doc_id", "version", "section", "text"]
+        if vectors:
+            fields.append("dense")
+        ids = list(dict.fromkeys(chunk_ids))
+        out: list[dict] = []
+        for i in range(0, len(ids), QUERY_CHUNK):
+            out += self._call(
+                self.client.query,
+                self.chunks,
+                filter=_in("chunk_id", ids[i : i + QUERY_CHUNK]),
+                output_fields=fields,
+            )
+        return out
+
+    def vectors(self, chunk_ids: Iterable[str]) -> dict[str, list[float]]:
+        return {r["chunk_id"]: list(r["dense"]) for r in self.chunk_rows(chunk_ids, vectors=True)}
+
+    def count_chunks(self, tenant: str | None = None) -> int:
+        expr = f"tenant == {lit(tenant)}" if tenant else 'chunk_id != ""'
+        rows = self._call(self.client.query, self.chunks, filter=expr, output_fields=["count(*)"])
+        return int(rows[0]["count(*)"])
+
+    def iter_chunks(self, batch: int = 1000) -> Iterable[dict]:
+        """Every chunk row (no vectors), for verification."""
+        fields = ["chunk_id", "tenant", "doc_key", "doc_id", "version", "section", "text"]
+        it = self.client.query_iterator(
+            self.chunks, batch_size=batch, filter='chunk_id != ""', output_fields=fields
+        )
+        try:
+            while rows := it.next():
+                yield from rows
+        finally:
+            it.close()
+
+    def iter_doc_states(self, batch: int = 1000) -> Iterable[DocState]:
+        fields = ["doc_key", "tenant", "doc_id", "version", "deleted", "chunk_ids", "metadata"]
+        it = self.client.query_iterator(
+            self.docs, batch_size=batch, filter='doc_key != ""', output_fields=fields
+        )
+        try:
+            while rows := it.next():
+                for r in rows:
+                    yield DocState(
+                        r["doc_key"], r["tenant"], r["doc_id"], int(r["version"]),
+                        bool(r["deleted"]), tuple(r["chunk_ids"] or ()), dict(r["metadata"] or {}),
+                    )  # fmt: skip
+        finally:
+            it.close()
+
+    def search(
+        self, vector: Sequence[float], text: str, *, tenant: str, limit: int
+    ) -> list[RawHit]:
+        """Hybrid dense + BM25 (reciprocal rank fusion) within one tenant; dense-only if no BM25."""
+        expr = f"tenant == {lit(tenant)}"
+        fields = ["doc_key", "doc_id", "section", "text"]
+        if self.hybrid and text.strip():
+            dense = AnnSearchRequest(
+                data=[list(vector)], anns_field="dense", param={"metric_type": "COSINE"},
+                limit=limit, expr=expr,
+            )  # fmt: skip
+            sparse = AnnSearchRequest(
+                data=[text], anns_field="sparse", param={"metric_type": "BM25"},
+                limit=limit, expr=expr,
+            )  # fmt: skip
+            res = self._call(
+                self.client.hybrid_search, self.chunks, [dense, sparse],
+                ranker=RRFRanker(60), limit=limit, output_fields=fields,
+            )  # fmt: skip
+        else:
+            res = self._call(
+                self.client.search, self.chunks, data=[list(vector)], anns_field="dense",
+                limit=limit, filter=expr, output_fields=fields,
+                search_params={"metric_type": "COSINE"},
+            )  # fmt: skip
+        hits = []
+        for h in res[0] if res else []:
+            e = h["entity"]
+            hits.append(
+                RawHit(h["chunk_id"], e["doc_key"], e["doc_id"], e["section"], e["text"],
+                       float(h["distance"]))
+            )  # fmt: skip
+        return hits
+
+    # -- writes (each idempotent) --------------------------------------------------------------
+    def write_chunks(self, rows: Sequence[ChunkRow]) -> None:
+        if not rows:
+            return
+        data = [
+            {
+                "chunk_id": r.chunk_id, "tenant": r.tenant, "doc_key": r.doc_key,
+                "doc_id": r.doc_id, "version": r.version, "section": r.section[:2000],
+                "text": r.text, "dense": [float(x) for x in r.vector],
+            }
+            for r in rows
+        ]  # fmt: skip
+        for i in range(0, len(data), QUERY_CHUNK):
+            self._call(self.client.upsert, self.chunks, data[i : i + QUERY_CHUNK])
+
+    def write_states(self, states: Sequence[DocState]) -> None:
+        if not states:
+            return
+        data = [
+            {
+                "doc_key": s.key, "tenant": s.tenant, "doc_id": s.doc_id, "version": s.version,
+                "deleted": s.deleted, "chunk_ids": list(s.chunk_ids), "metadata": s.metadata,
+                "nil": [0.0, 0.0],
+            }
+            for s in states
+        ]  # fmt: skip
+        for i in range(0, len(data), QUERY_CHUNK):
+            self._call(self.client.upsert, self.docs, data[i : i + QUERY_CHUNK])
+
+    def remove_stale_chunks(self, keys: Sequence[str], keep: Sequence[str]) -> None:
+        """Delete the rows of these documents whose chunk id is not in `keep` (their live sets).
+
+        One expression serves many documents because chunk ids embed their document.
+        """
+        if not keys:
+            return
+        expr = _in("doc_key", keys)
+        if keep:
+            expr += f" and not ({_in('chunk_id', keep)})"
+        self._call(self.client.delete, self.chunks, filter=expr)
+
+    def drop(self) -> None:
+        for name in (self.chunks, self.docs):
+            self._drop_if_exists(name)
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        # pymilvus clients are not documented as thread-safe; searches and writes may share one.
+        t0 = time.perf_counter()
+        try:
+            with self._lock:
+                return fn(*args, **kwargs)
+        except MilvusException as exc:
+            raise StoreError(f"Milvus {fn.__name__} failed: {exc}") from exc
+        except Exception as exc:  # grpc errors surface as plain exceptions when the server is gone
+            if type(exc).__module__.startswith(("grpc", "pymilvus")):
+                raise StoreError(f"Milvus unreachable during {fn.__name__}: {exc}") from exc
+            raise
+        finally:
+            log.debug("%s took %.1f ms", fn.__name__, (time.perf_counter() - t0) * 1000)

@@ -1,0 +1,152 @@
+"""The truth checker: compare what Milvus holds with what the events say it should hold.
+
+The expected index is the latest version of every document, chunked by the same chunker; the
+comparison counts missing chunks, stale chunks (superseded text or wrong version), duplicates,
+chunks of deleted documents, and leaked rows (a row whose tenant does not own its document).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+from kafka import TopicPartition
+
+from headwater.settings import Settings
+from headwater.topics import consumer as make_consumer
+from index.chunker import Chunk
+from index.store import ChunkStore, doc_key
+from producers.events import DocumentEvent, EventError, Limits, parse_document
+
+
+@dataclass(frozen=True)
+class ExpectedDoc:
+    tenant: str
+    doc_id: str
+    version: int
+    deleted: bool
+    chunk_ids: tuple[str, ...] = ()
+
+
+@dataclass
+class Report:
+    docs: int = 0
+    chunks: int = 0
+    missing: int = 0
+    stale: int = 0
+    duplicates: int = 0
+    leaked: int = 0
+    deleted_present: int = 0
+    wrong_version: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (
+            self.missing or self.stale or self.duplicates or self.leaked or self.deleted_present
+            or self.wrong_version
+        )  # fmt: skip
+
+    def note(self, text: str) -> None:
+        if len(self.examples) < 20:
+            self.examples.append(text)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"ok": self.ok}
+
+
+def latest_events(events: Iterable[DocumentEvent]) -> dict[str, DocumentEvent]:
+    """The newest event (highest version) of every document."""
+    latest: dict[str, DocumentEvent] = {}
+    for e in events:
+        key = doc_key(e.tenant, e.doc_id)
+        if key not in latest or e.version > latest[key].version:
+            latest[key] = e
+    return latest
+
+
+def expected_index(
+    events: Iterable[DocumentEvent], chunk: Callable[[DocumentEvent], list[Chunk]]
+) -> dict[str, ExpectedDoc]:
+    out = {}
+    for key, e in latest_events(events).items():
+        ids = tuple(c.chunk_id for c in chunk(e)) if e.op == "upsert" else ()
+        out[key] = ExpectedDoc(e.tenant, e.doc_id, e.version, e.op == "delete", ids)
+    return out
+
+
+def read_documents_topic(settings: Settings, timeout_s: float = 30.0) -> list[DocumentEvent]:
+    """Every valid event on the (compacted) documents topic, from the beginning to its end now."""
+    c = make_consumer(settings, group_id=None, client_id="headwater-verify")
+    try:
+        parts = c.partitions_for_topic(settings.documents_topic) or set()
+        tps = [TopicPartition(settings.documents_topic, p) for p in parts]
+        c.assign(tps)
+        c.seek_to_beginning(*tps)
+        end = c.end_offsets(tps)
+        limits = Limits.from_settings(settings)
+        events: list[DocumentEvent] = []
+        remaining = {tp for tp in tps if end[tp] > c.position(tp)}
+        while remaining:
+            polled = c.poll(timeout_ms=int(timeout_s * 1000), max_records=2000)
+            if not polled:
+                raise TimeoutError("the documents topic stopped delivering before its end")
+            for tp, records in polled.items():
+                for r in records:
+                    if r.offset >= end[tp]:
+                        continue
+                    # Invalid events were dead-lettered by the indexer; not part of the truth.
+                    with contextlib.suppress(EventError):
+                        events.append(parse_document(r.value, limits))
+                if c.position(tp) >= end[tp]:
+                    remaining.discard(tp)
+        return events
+    finally:
+        c.close()
+
+
+def verify(store: ChunkStore, expected: dict[str, ExpectedDoc]) -> Report:
+    report = Report(docs=len(expected))
+    states = {s.key: s for s in store.iter_doc_states()}
+    rows_by_doc: dict[str, list[dict]] = {}
+    seen: Counter[str] = Counter()
+    for row in store.iter_chunks():
+        seen[row["chunk_id"]] += 1
+        rows_by_doc.setdefault(row["doc_key"], []).append(row)
+        if doc_key(row["tenant"], row["doc_id"]) != row["doc_key"]:
+            report.leaked += 1
+            report.note(f"leaked row {row['chunk_id']} ({row['tenant']}/{row['doc_id']})")
+    report.chunks = sum(seen.values())
+    report.duplicates = sum(n - 1 for n in seen.values() if n > 1)
+
+    for key, exp in expected.items():
+        rows = rows_by_doc.pop(key, [])
+        held = {r["chunk_id"] for r in rows}
+        state = states.get(key)
+        if exp.deleted:
+            if rows:
+                report.deleted_present += len(rows)
+                report.note(f"deleted {exp.tenant}/{exp.doc_id} still has {len(rows)} chunks")
+            if state is not None and not state.deleted:
+                report.wrong_version += 1
+                report.note(f"deleted {exp.tenant}/{exp.doc_id} is live at v{state.version}")
+            continue
+        if state is None or state.deleted or state.version != exp.version:
+            report.wrong_version += 1
+            got = "absent" if state is None else f"v{state.version} deleted={state.deleted}"
+            report.note(f"{exp.tenant}/{exp.doc_id}: expected v{exp.version}, index has {got}")
+        elif tuple(state.chunk_ids) != exp.chunk_ids:
+            report.stale += 1
+            report.note(f"{exp.tenant}/{exp.doc_id}: live chunk set differs from the expected")
+        missing = [c for c in exp.chunk_ids if c not in held]
+        stale = held - set(exp.chunk_ids)
+        report.missing += len(missing)
+        report.stale += len(stale)
+        if missing or stale:
+            report.note(f"{exp.tenant}/{exp.doc_id}: {len(missing)} missing, {len(stale)} stale")
+    for key, rows in rows_by_doc.items():  # rows of documents no event mentions
+        report.stale += len(rows)
+        report.note(f"{len(rows)} rows of unknown document {rows[0]['doc_id']} ({key})")
+    return report
