@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("kafka", "httpx", "urllib3", "filelock", "sentence_transformers"):
+    for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    # kafka-python logs every failed connection attempt; our own errors say it in one line.
+    logging.getLogger("kafka").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
     try:
         settings = Settings()
         return int(args.func(settings, args) or 0)

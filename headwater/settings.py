@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     default_tenant: str = Field(default="default", description="Tenant when none is given.")
     max_text_bytes: int = Field(default=2_000_000, ge=1, description="Largest document text.")
     max_metadata_bytes: int = Field(default=16_384, ge=2, description="Largest metadata JSON.")
+    publish_timeout_s: float = Field(
+        default=15.0, gt=0, description="Longest wait for the broker to acknowledge a publish."
+    )
 
     # -- indexing ----------------------------------------------------------------------------
     embedder: str = Field(
@@ -103,6 +106,18 @@ class Settings(BaseSettings):
     api_tokens: dict[str, str] = Field(
         default_factory=dict, description='JSON {"token": "tenant"}; each token sees one tenant.'
     )
+    query_workers: int = Field(default=4, ge=1, description="Queries one answerer serves at once.")
+    query_timeout_s: float = Field(
+        default=60.0, gt=0, description="Longest a client waits for the next event of an answer."
+    )
+    answer_token_batch: int = Field(default=4, ge=1, description="Text pieces per token event.")
+    prompt_max_chars: int = Field(
+        default=6000, ge=200, description="Retrieved passage text put into one prompt, at most."
+    )
+    standing_group: str = Field(default="headwater-standing", description="Matcher's group id.")
+    standing_threshold: float = Field(
+        default=0.5, ge=-1, le=1, description="Cosine similarity a standing query needs to match."
+    )
 
     # -- retraining --------------------------------------------------------------------------
     train_base_model: str = Field(
@@ -121,6 +136,27 @@ class Settings(BaseSettings):
     train_timeout_s: float = Field(default=3600.0, gt=0)
     train_replay_buffer: int = Field(default=200, ge=0)
     gate_margin: float = Field(default=0.02, ge=0)
+    train_dtype: str = Field(
+        default="auto",
+        pattern=r"^(auto|bfloat16|float32)$",
+        description="Base model dtype for training and load_generator; auto: bf16 if it works.",
+    )
+    train_batch_size: int = Field(default=4, ge=1)
+    train_learning_rate: float = Field(default=1e-3, gt=0)
+    train_lora_r: int = Field(default=8, ge=1)
+    train_epochs: float = Field(
+        default=4.0, gt=0, description="At most this many passes over a run's data (≤ steps)."
+    )
+    train_max_seq_tokens: int = Field(default=384, ge=16, description="Longest training item.")
+    train_doc_chunks: int = Field(
+        default=32, ge=0, description="Chunk texts of changed documents mixed into a run."
+    )
+    train_seed: int = Field(default=0)
+    gate_holdout_fraction: float = Field(
+        default=0.2, gt=0, lt=1, description="Share of examples held out (by example id hash)."
+    )
+    gate_max_holdout: int = Field(default=24, ge=1, description="Held-out examples per gate.")
+    gate_max_new_tokens: int = Field(default=96, ge=1, description="Generation length in the gate.")
 
     @field_validator("tenants", mode="before")
     @classmethod
