@@ -73,7 +73,13 @@ class Searcher:
 
     def wait(self, token: str) -> None:
         """Block (bounded) until the indexer has applied `token`; SearchError if it has not."""
-        waiter = self._wait or _default_waiter(self.settings)
+        if self._wait is None:
+            from consumers.progress import Progress
+
+            # One admin connection per searcher: connecting per query would dominate the wait.
+            progress = Progress(self.settings)
+            self._wait = lambda tok, timeout: progress.wait_for_token(tok, timeout)
+        waiter = self._wait
         timeout = self.settings.freshness_wait_s
         t0 = time.monotonic()
         try:
@@ -99,9 +105,3 @@ class Searcher:
                     state.metadata)
             )  # fmt: skip
         return hits
-
-
-def _default_waiter(settings: Settings) -> TokenWaiter:
-    from consumers.progress import wait_for_token
-
-    return lambda token, timeout: wait_for_token(settings, token, timeout)
