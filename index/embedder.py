@@ -76,7 +76,8 @@ class Embedder:
 
     def count_tokens(self, text: str) -> int:
         """Word pieces the model sees for `text` (without special tokens)."""
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+        # verbose=False: counting a whole section may exceed the model window; that is the point.
+        return len(self.tokenizer.encode(text, add_special_tokens=False, verbose=False))
 
 
 def load_embedder(settings: Settings) -> Embedder:
