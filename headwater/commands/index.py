@@ -14,6 +14,12 @@ from headwater.settings import Settings
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("indexer", help="run an indexer (a consumer-group member) until SIGTERM")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve prometheus metrics on this port (/metrics)",
+    )
     p.set_defaults(func=_indexer)
 
     p = sub.add_parser("search", help="hybrid search of the fresh index")
@@ -48,6 +54,10 @@ def _indexer(settings: Settings, args: argparse.Namespace) -> int:
 
     require_stack(settings)
     stop = stop_on_signals()
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr="127.0.0.1")
     Indexer(settings).run(stop)
     return 0
 
