@@ -95,6 +95,7 @@ class Indexer:
         # ones were dead-lettered on intake, so a retried batch never dead-letters twice).
         self._pending: list[ConsumerRecord] = []
         self._events: list[tuple[DocumentEvent, ConsumerRecord]] = []
+        self._alias_pointed = False
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -194,7 +195,21 @@ class Indexer:
         CONSUMED.inc(len(records))
         BATCH_SECONDS.observe(time.monotonic() - t0)
         self._update_lag()
+        self._point_alias_when_caught_up()
         return len(records)
+
+    def _point_alias_when_caught_up(self) -> None:
+        # A new embedding model fills a new collection; readers of the model-independent alias
+        # switch to it only once it holds everything the topic held when we started.
+        if self._alias_pointed or not self.consumer.assignment():
+            return
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is None or self.consumer.position(tp) < high:
+                return
+        self.store.point_alias()
+        self._alias_pointed = True
+        log.info("caught up: alias %s -> %s", self.store.alias, self.store.chunks)
 
     def _commit(self, records: list[ConsumerRecord]) -> None:
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}

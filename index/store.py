@@ -189,9 +189,9 @@ class ChunkStore:
 
     def point_alias(self) -> None:
         """Make the model-independent alias name this collection (after a rebuild caught up)."""
-        try:
+        if self.alias in self.client.list_aliases().get("aliases", []):
             self.client.alter_alias(self.chunks, self.alias)
-        except MilvusException:
+        else:
             self.client.create_alias(self.chunks, self.alias)
 
     # -- reads ---------------------------------------------------------------------------------

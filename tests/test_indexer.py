@@ -65,6 +65,9 @@ def test_publish_edit_delete_visible_in_search(settings, indexer):
     assert all(h[0] != "pages/tar.md" for h in texts(s, "resurrected text", k=10))
     assert indexer.stats.stale >= 1
     assert check_truth(indexer).ok
+    # Caught up: the model-independent alias now names this model's collection.
+    alias = indexer.store.client.describe_alias(indexer.store.alias)
+    assert alias["collection_name"] == indexer.store.chunks
 
 
 @pytest.mark.skipif(not (CORPORA / "rust-book").exists(), reason="shared corpora absent")
