@@ -20,11 +20,12 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge, Histogram
 
 from headwater.settings import Settings
+from headwater.topics import await_topic
 from headwater.topics import consumer as make_consumer
 from headwater.topics import producer as make_producer
 from index.embedder import Embedder, load_embedder
 from index.store import ChunkStore, StoreError
-from index.writer import Applied, IndexWriter
+from index.writer import Applied, IndexWriter, check_event
 from producers.events import DocumentEvent, EventError, Limits, parse_document
 
 from .deadletter import DeadLetters
@@ -62,8 +63,7 @@ class _Rebalance(ConsumerRebalanceListener):
         self.indexer = indexer
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        # Finish what we hold for these partitions so the next owner starts after it.
-        self.indexer.flush_on_revoke(revoked)
+        self.indexer.drop_revoked(revoked)
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("indexer assigned %s", sorted(tp.partition for tp in assigned))
@@ -90,6 +90,7 @@ class Indexer:
             client_id="headwater-indexer",
             max_poll_records=settings.batch_max_events,
         )
+        await_topic(self.consumer, settings.documents_topic)
         self.consumer.subscribe([settings.documents_topic], listener=_Rebalance(self))
         # Polled but not yet committed: every record, and the valid events among them (bad
         # ones were dead-lettered on intake, so a retried batch never dead-letters twice).
@@ -151,10 +152,7 @@ class Indexer:
             self._pending.append(record)
             try:
                 event = parse_document(record.value, self.limits)
-                if not self.settings.tenant_known(event.tenant):
-                    raise EventError(f"unknown tenant {event.tenant!r}")
-                if record.key is not None and record.key != event.key:
-                    raise EventError("Kafka key does not match tenant/doc_id of the event")
+                check_event(event, record.key, self.settings)
             except EventError as exc:
                 self.dead.send(record, str(exc), "parse")
                 self.stats.dead_lettered += 1
@@ -223,16 +221,20 @@ class Indexer:
             # We lost the partitions mid-batch; the new owner re-applies (idempotently).
             log.warning("commit failed after rebalance, events will be redelivered: %s", exc)
 
-    def flush_on_revoke(self, revoked: set[TopicPartition]) -> None:
-        if not self._pending:
-            return
-        try:
-            self.flush()
-        except (StoreError, KafkaError) as exc:
-            log.warning("could not flush before rebalance (%s); dropping uncommitted batch", exc)
-            gone = {(tp.topic, tp.partition) for tp in revoked}
-            self._pending = [r for r in self._pending if (r.topic, r.partition) not in gone]
-            self._events = [(e, r) for e, r in self._events if (r.topic, r.partition) not in gone]
+    def drop_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Forget uncommitted records of partitions we lost; their new owner re-applies them.
+
+        kafka-python 3 runs rebalance listeners on its IO thread, where a blocking commit is
+        refused, so the batch cannot be committed here. Nothing is lost: the records were not
+        committed, and re-applying them is idempotent (equal versions are only re-cleaned).
+        """
+        gone = {(tp.topic, tp.partition) for tp in revoked}
+        kept = [r for r in self._pending if (r.topic, r.partition) not in gone]
+        if len(kept) != len(self._pending):
+            log.info("rebalance: %d uncommitted events go back to the group",
+                     len(self._pending) - len(kept))  # fmt: skip
+        self._pending = kept
+        self._events = [(e, r) for e, r in self._events if (r.topic, r.partition) not in gone]
 
     def _update_lag(self) -> None:
         for tp in self.consumer.assignment():

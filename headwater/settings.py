@@ -48,11 +48,11 @@ class Settings(BaseSettings):
         default="PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
     )
     kafka_sasl_mechanism: str | None = Field(default=None, description="e.g. PLAIN, SCRAM-SHA-512.")
-    kafka_sasl_username: str | None = None
-    kafka_sasl_password: SecretStr | None = None
-    kafka_ssl_cafile: Path | None = None
-    kafka_ssl_certfile: Path | None = None
-    kafka_ssl_keyfile: Path | None = None
+    kafka_sasl_username: str | None = Field(default=None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(default=None, description="SASL password.")
+    kafka_ssl_cafile: Path | None = Field(default=None, description="CA bundle for SSL.")
+    kafka_ssl_certfile: Path | None = Field(default=None, description="Client certificate.")
+    kafka_ssl_keyfile: Path | None = Field(default=None, description="Client key.")
     topic_prefix: str = Field(default="headwater", description="Prefix of every topic name.")
     partitions: int = Field(default=6, ge=1, description="Partitions of new topics.")
     replication_factor: int = Field(default=1, ge=1, description="Replication of new topics.")
@@ -83,8 +83,8 @@ class Settings(BaseSettings):
         default=DEFAULT_EMBEDDER,
         description="sentence-transformers model name or path; the default ships in a package.",
     )
-    embed_batch_size: int = Field(default=64, ge=1)
-    embed_device: str = Field(default="cpu")
+    embed_batch_size: int = Field(default=64, ge=1, description="Chunks per encode call.")
+    embed_device: str = Field(default="cpu", description="torch device of the embedder.")
     chunk_tokens: int = Field(default=200, ge=16, description="Target tokens per chunk.")
     batch_max_events: int = Field(default=500, ge=1, description="Events per indexer batch.")
     batch_max_ms: int = Field(default=100, ge=0, description="Longest wait to fill a batch.")
@@ -96,12 +96,12 @@ class Settings(BaseSettings):
         default=DEFAULT_GENERATOR,
         description='Causal LM name or path for answers; "" answers extractively.',
     )
-    max_new_tokens: int = Field(default=160, ge=1)
+    max_new_tokens: int = Field(default=160, ge=1, description="Longest generated answer.")
     query_group: str = Field(default="headwater-query", description="Query consumer group id.")
-    api_host: str = Field(default="127.0.0.1")
-    api_port: int = Field(default=8700)
+    api_host: str = Field(default="127.0.0.1", description="Gateway bind address.")
+    api_port: int = Field(default=8700, description="Gateway port.")
     api_token: SecretStr | None = Field(
-        default=None, description="Bearer token required by the API (maps to default_tenant)."
+        default=None, description="Admin bearer token for the API; its tenant comes from X-Tenant."
     )
     api_tokens: dict[str, str] = Field(
         default_factory=dict, description='JSON {"token": "tenant"}; each token sees one tenant.'
@@ -152,6 +152,9 @@ class Settings(BaseSettings):
         default=32, ge=0, description="Chunk texts of changed documents mixed into a run."
     )
     train_seed: int = Field(default=0)
+    train_threads: int = Field(
+        default=0, ge=0, description="torch threads of a training run (0: torch's default)."
+    )
     gate_holdout_fraction: float = Field(
         default=0.2, gt=0, lt=1, description="Share of examples held out (by example id hash)."
     )
@@ -256,7 +259,12 @@ class Settings(BaseSettings):
 
     def milvus_client_config(self) -> dict[str, object]:
         """Keyword arguments for pymilvus.MilvusClient."""
-        cfg: dict[str, object] = {"uri": self.milvus_address}
+        # No keepalive pings on idle connections: Milvus Lite answers them with too_many_pings
+        # and drops the shared channel, which then sometimes fails to recover.
+        cfg: dict[str, object] = {
+            "uri": self.milvus_address,
+            "grpc_options": {"grpc.keepalive_permit_without_calls": 0},
+        }
         if self.milvus_token is not None:
             cfg["token"] = self.milvus_token.get_secret_value()
         return cfg

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from headwater.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,10 +120,25 @@ def consumer(settings: Settings, *topics: str, **overrides: object) -> KafkaCons
     return KafkaConsumer(*topics, **cfg)
 
 
+def await_topic(consumer: Any, topic: str, timeout_s: float = 30.0) -> None:
+    """Wait until the client's metadata knows `topic`, before the consumer joins its group.
+
+    A member that joins while a just-created topic is missing from its metadata is assigned
+    nothing, and only notices at the next metadata refresh (minutes later).
+    """
+    deadline = time.monotonic() + timeout_s
+    while not consumer.partitions_for_topic(topic):
+        if time.monotonic() > deadline:
+            log.warning("topic %s not found; consuming it once it exists", topic)
+            return
+        time.sleep(0.2)
+
+
 __all__ = [
     "KafkaError",
     "TopicSpec",
     "admin",
+    "await_topic",
     "consumer",
     "ensure_topics",
     "producer",

@@ -33,6 +33,10 @@ class Hit:
         return asdict(self)
 
 
+class FreshnessTimeout(SearchError):
+    """The indexer has not applied the freshness token within the bounded wait."""
+
+
 TokenWaiter = Callable[[str, float], bool]
 
 
@@ -87,7 +91,7 @@ class Searcher:
         except ValueError as exc:
             raise SearchError(f"bad freshness token: {exc}") from exc
         if not applied:
-            raise SearchError(
+            raise FreshnessTimeout(
                 f"the index has not applied token {token} within {time.monotonic() - t0:.1f}s"
             )
 

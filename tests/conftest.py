@@ -8,6 +8,7 @@ tests that need it fail with the reason: they are never skipped silently.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,10 +42,34 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
     try:
         broker.start()
         lite.start()
+        _warm_group_coordinator(base)
         yield base
     finally:
         broker.stop()
         lite.stop()
+
+
+def _warm_group_coordinator(settings: Settings) -> None:
+    """Join and commit once, so the broker creates and loads __consumer_offsets now.
+
+    Otherwise the first test's consumer groups pay for it (NotCoordinator retries for seconds).
+    """
+    from kafka import TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    from headwater.topics import consumer
+
+    warm = settings.model_copy(update={"topic_prefix": "warmup"})
+    ensure_topics(warm)
+    c = consumer(warm, warm.documents_topic, group_id="warmup")
+    try:
+        deadline = time.monotonic() + 90
+        while not c.assignment() and time.monotonic() < deadline:
+            c.poll(timeout_ms=200)
+        tp = TopicPartition(warm.documents_topic, 0)
+        c.commit({tp: OffsetAndMetadata(0, "", -1)})
+    finally:
+        c.close()
 
 
 @pytest.fixture
@@ -57,6 +82,7 @@ def settings(stack_settings: Settings, tmp_path: Path) -> Settings:
             "collection_prefix": tag,
             "indexer_group": f"{tag}-indexer",
             "query_group": f"{tag}-query",
+            "standing_group": f"{tag}-standing",
             "data_dir": tmp_path / "data",
             "batch_max_ms": 50,
             "freshness_wait_s": 30.0,

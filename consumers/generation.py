@@ -1,0 +1,366 @@
+"""Streamed answer generation with a hot-swappable LoRA style adapter.
+
+One causal LM is shared by every query of a process. Each adapter version is loaded under its
+own peft name, so a swap only changes which name new generations pin; a generation keeps the
+version it started with, and an old version is unloaded after its last generation finished.
+Generations run one at a time (a model lock): peft's active adapter is model-wide state, and
+on a small CPU box one generation already uses the cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from headwater.settings import Settings
+from producers.events import AdapterAnnouncement
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+
+_CURRENT = object()  # "the adapter that is current when the generation starts"
+
+
+class GenerationError(RuntimeError):
+    """A generation could not run (adapter missing, model failure); one line for the user."""
+
+
+class _Cancel(StoppingCriteria):
+    """Stops a generation whose reader went away, so the model lock is released promptly."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> Any:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+
+
+class Generation(Iterator[str]):
+    """The text pieces of one running generation (an iterator); `adapter` is the pinned version.
+
+    Generation starts at once in a worker thread; `close()` (or leaving a `with` block) stops it.
+    """
+
+    def __init__(self, owner: Generator, inputs: dict[str, Any], adapter: str | None) -> None:
+        self.adapter = adapter
+        self._owner = owner
+        self._cancel = _Cancel()
+        self._error: BaseException | None = None
+        self._streamer = TextIteratorStreamer(
+            owner.tokenizer, skip_prompt=True, skip_special_tokens=True
+        )
+        self._thread = threading.Thread(
+            target=self._work, args=(inputs,), name="headwater-generate", daemon=True
+        )
+        self._thread.start()
+
+    def _work(self, inputs: dict[str, Any]) -> None:
+        try:
+            self._owner._generate(inputs, self.adapter, self._streamer, self._cancel)
+        except BaseException as exc:  # reported to the reader, never lost in the thread
+            self._error = exc
+            self._streamer.on_finalized_text("", stream_end=True)
+
+    def __next__(self) -> str:
+        try:
+            piece = next(self._streamer)
+            while not piece:  # the streamer emits "" while a word is incomplete
+                piece = next(self._streamer)
+            return piece
+        except StopIteration:
+            self._thread.join()
+            if self._error is not None:
+                raise GenerationError(f"generation failed: {self._error}") from self._error
+            raise
+
+    def close(self) -> None:
+        self._cancel.event.set()
+
+    def __enter__(self) -> Generation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Generator:
+    """A causal LM (plus tokenizer) that streams answers, with LoRA adapters swapped live."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_new_tokens: int = 160) -> None:
+        self.base = model.eval()
+        self.model: Any = self.base  # becomes the PeftModel once an adapter is loaded
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.current: str | None = None
+        self._loaded: dict[str, Path] = {}
+        self._users: dict[str | None, int] = {}
+        # Versions replaced as current; each is unloaded once its last generation ended. (Only
+        # these: a version just loaded but not yet made current must survive until it is.)
+        self._retired: set[str] = set()
+        self._model_lock = threading.Lock()  # held by each generation and each model change
+        self._state_lock = threading.Lock()  # current version, loaded versions, user counts
+        # A fast tokenizer raises "Already borrowed" when two threads encode at once.
+        self._tokenizer_lock = threading.Lock()
+
+    # -- adapters --------------------------------------------------------------------------
+    @property
+    def loaded(self) -> list[str]:
+        with self._state_lock:
+            return sorted(self._loaded)
+
+    def load_adapter(self, version: str, path: str | Path) -> None:
+        """Load adapter `version` from a peft folder (no-op when it is already loaded)."""
+        path = Path(path)
+        if not (path / "adapter_config.json").is_file():
+            raise GenerationError(f"adapter {version!r}: no adapter_config.json in {path}")
+        with self._state_lock:
+            self._retired.discard(version)
+            if version in self._loaded:
+                return  # without waiting for the model: announcements repeat on restart
+        with self._model_lock:
+            with self._state_lock:
+                if version in self._loaded:
+                    return
+            try:
+                if self.model is self.base:
+                    from peft import PeftModel
+
+                    self.model = PeftModel.from_pretrained(
+                        self.base, str(path), adapter_name=version, is_trainable=False
+                    ).eval()
+                else:
+                    self.model.load_adapter(str(path), adapter_name=version, is_trainable=False)
+            except Exception as exc:
+                raise GenerationError(
+                    f"cannot load adapter {version!r} from {path}: {exc}"
+                ) from exc
+            with self._state_lock:
+                self._loaded[version] = path
+        log.info("loaded adapter %s from %s", version, path)
+
+    def set_current(self, version: str | None) -> None:
+        """Serve `version` (None: the bare base model) to generations that start from now on."""
+        with self._state_lock:
+            if version is not None and version not in self._loaded:
+                raise GenerationError(f"adapter {version!r} is not loaded")
+            previous, self.current = self.current, version
+            self._retired.discard(version)
+            if previous is not None and previous != version:
+                self._retired.add(previous)
+        if previous != version:
+            log.info("serving adapter %s (was %s)", version or "<base>", previous or "<base>")
+        with self._model_lock:
+            self._unload_unused()
+
+    def _unload_unused(self) -> None:
+        """Drop retired versions no generation uses any more (caller holds the model lock)."""
+        with self._state_lock:
+            idle = [v for v in self._retired if v in self._loaded and not self._users.get(v)]
+            for v in idle:
+                del self._loaded[v]
+                self._retired.discard(v)
+        for v in idle:
+            try:
+                self.model.delete_adapter(v)
+                log.info("unloaded adapter %s", v)
+            except Exception as exc:  # a leftover adapter only costs memory
+                log.warning("could not unload adapter %s: %s", v, exc)
+
+    # -- generation ------------------------------------------------------------------------
+    def stream(self, prompt_messages: Sequence[Message], adapter: Any = _CURRENT) -> Generation:
+        """Start generating an answer to a chat; iterate the result for text pieces.
+
+        `adapter` defaults to the current version, pinned now: a swap while this generation
+        waits or runs does not change it.
+        """
+        with self._tokenizer_lock:
+            inputs = self.encode(prompt_messages)
+        with self._state_lock:
+            version = self.current if adapter is _CURRENT else adapter
+            if version is not None and version not in self._loaded:
+                raise GenerationError(f"adapter {version!r} is not loaded")
+            self._users[version] = self._users.get(version, 0) + 1
+        return Generation(self, inputs, version)
+
+    def encode(self, messages: Sequence[Message]) -> dict[str, Any]:
+        """Token ids of the prompt: the chat template when there is one, else plain turns."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            # Control tokens inside documents or questions stay text: no prompt-format injection.
+            enc = tok.apply_chat_template(
+                list(messages),
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+                sanitize_control_tokens=True,
+            )
+        else:
+            text = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+            enc = tok(text + "\n\nAssistant:", return_tensors="pt", split_special_tokens=True)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def _generate(
+        self,
+        inputs: dict[str, Any],
+        version: str | None,
+        streamer: TextIteratorStreamer,
+        cancel: _Cancel,
+    ) -> None:
+        with self._model_lock:
+            try:
+                kwargs = dict(
+                    inputs,
+                    streamer=streamer,
+                    max_new_tokens=self.max_new_tokens,
+                    do_sample=False,
+                    repetition_penalty=1.1,
+                    stopping_criteria=StoppingCriteriaList([cancel]),
+                    pad_token_id=self._pad_id(),
+                )
+                with torch.inference_mode():
+                    if version is not None:
+                        self.model.set_adapter(version)
+                        self.model.generate(**kwargs)
+                    elif self.model is not self.base and self.loaded:
+                        with self.model.disable_adapter():
+                            self.model.generate(**kwargs)
+                    else:
+                        self.base.generate(**kwargs)
+            finally:
+                with self._state_lock:
+                    self._users[version] -= 1
+                self._unload_unused()
+
+    def _pad_id(self) -> int | None:
+        tok = self.tokenizer
+        if tok.pad_token_id is not None:
+            return tok.pad_token_id
+        return tok.eos_token_id
+
+
+def load_generator(settings: Settings) -> Generator | None:
+    """The configured generator, or None when `settings.generator` is "" (extractive answers)."""
+    if not settings.generator:
+        return None
+    from trainer.basemodel import load_generator as load_model
+
+    model, tokenizer = load_model(settings)
+    return Generator(model, tokenizer, max_new_tokens=settings.max_new_tokens)
+
+
+# -- extractive answers (no generator) -------------------------------------------------------
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def extractive_answer(passages: Sequence[str], *, max_passages: int = 3) -> Iterator[str]:
+    """An answer made of the best passages' leading sentences, each with its marker like [1].
+
+    Yields word-sized pieces so the answer streams like a generated one.
+    """
+    for i, text in enumerate(passages[:max_passages], start=1):
+        sentences = [s for s in _SENTENCE.split(" ".join(text.split())) if s]
+        lead = " ".join(sentences[:2])
+        if not lead:
+            continue
+        words = lead.split(" ")
+        prefix = "" if i == 1 else " "
+        for j, word in enumerate(words):
+            yield (prefix if j == 0 else " ") + word
+        yield f" [{i}]"
+
+
+# -- following the adapters topic ------------------------------------------------------------
+
+
+def parse_announcement(raw: bytes | None) -> AdapterAnnouncement:
+    """Decode an announcement; ValueError (one line) when it is not one."""
+    if raw is None:
+        raise ValueError("empty announcement")
+    try:
+        return AdapterAnnouncement.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+
+
+def adapter_location(settings: Settings, announcement: AdapterAnnouncement) -> Path:
+    """Where an announced adapter lives: its uri when that is a local folder, else the registry."""
+    uri = (announcement.uri or "").removeprefix("file://")
+    if uri and "://" not in uri and (Path(uri) / "adapter_config.json").is_file():
+        return Path(uri)
+    from trainer.registry import adapter_path
+
+    return Path(adapter_path(settings, announcement.version))
+
+
+class AdapterFollower:
+    """Follows the compacted adapters topic and hot-swaps the generator to the latest version.
+
+    Reads from the beginning without a group, so every process applies the latest announcement
+    on start and each one after it. A version that fails to load is logged and skipped: the
+    previous adapter keeps serving.
+    """
+
+    def __init__(self, settings: Settings, generator: Generator) -> None:
+        self.settings = settings
+        self.generator = generator
+        self.applied: AdapterAnnouncement | None = None
+        self.ready = threading.Event()  # set once the topic's backlog was applied
+
+    def run(self, stop: threading.Event) -> None:
+        from kafka import TopicPartition
+
+        from headwater.topics import consumer
+
+        c = consumer(self.settings, group_id=None, client_id="headwater-adapters")
+        try:
+            parts = c.partitions_for_topic(self.settings.adapters_topic) or {0}
+            tps = [TopicPartition(self.settings.adapters_topic, p) for p in sorted(parts)]
+            c.assign(tps)
+            c.seek_to_beginning(*tps)
+            end = c.end_offsets(tps)
+            latest: AdapterAnnouncement | None = None
+            while not stop.is_set():
+                for records in c.poll(timeout_ms=500).values():
+                    for record in records:
+                        if record.key != b"current":
+                            continue
+                        try:
+                            latest = parse_announcement(record.value)
+                        except ValueError as exc:
+                            log.warning("ignoring a bad adapter announcement: %s", exc)
+                caught_up = all(c.position(tp) >= end[tp] for tp in tps)
+                # During catch-up only the last announcement matters: load just that one.
+                if latest is not None and caught_up:
+                    self.apply(latest)
+                    latest = None
+                if caught_up:
+                    self.ready.set()
+        finally:
+            c.close()
+
+    def apply(self, announcement: AdapterAnnouncement) -> None:
+        version = announcement.version
+        try:
+            if version is not None:
+                path = adapter_location(self.settings, announcement)
+                self.generator.load_adapter(version, path)
+            self.generator.set_current(version)
+            self.applied = announcement
+        except Exception as exc:
+            log.error(
+                "keeping adapter %s: cannot switch to %s: %s",
+                self.generator.current or "<base>",
+                version,
+                exc,
+            )
