@@ -7,7 +7,7 @@ import logging
 import sys
 
 from headwater import __version__
-from headwater.commands import bench, documents, index, queries, stack, training
+from headwater.commands import app, bench, documents, index, queries, stack, training
 from headwater.daemon import StackError
 from headwater.settings import Settings
 
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"headwater {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (stack, documents, index, queries, training, bench):
+    for group in (stack, documents, index, queries, training, bench, app):
         group.add_parsers(sub)
     return parser
 
