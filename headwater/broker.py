@@ -13,7 +13,7 @@ import subprocess
 from importlib.resources import files
 from pathlib import Path
 
-from headwater.daemon import Daemon, StackError, port_open, tail
+from headwater.daemon import Daemon, StackError, port_open
 from headwater.settings import Settings
 
 JAVA_MIN = 17
@@ -91,8 +91,9 @@ class LocalBroker:
                 f"Maven did not fetch the Kafka jars in {FETCH_TIMEOUT_S:.0f}s"
             ) from exc
         if out.returncode != 0:
-            detail = (out.stdout + out.stderr).strip().splitlines()[-5:]
-            raise StackError("Maven could not fetch the Kafka jars:\n" + "\n".join(detail))
+            errors = [ln for ln in (out.stdout + out.stderr).splitlines() if "ERROR" in ln]
+            detail = (errors or (out.stdout + out.stderr).strip().splitlines() or ["?"])[0]
+            raise StackError(f"Maven could not fetch the Kafka jars: {detail.strip()[:300]}")
         (tmp / ".complete").write_text(self.settings.kafka_version)
         shutil.rmtree(self.libs, ignore_errors=True)
         tmp.rename(self.libs)
@@ -214,8 +215,9 @@ def _java_path() -> str:
 def _run(argv: list[str]) -> str:
     out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
-        raise StackError(f"{' '.join(argv[-3:])} failed:\n{(out.stdout + out.stderr)[-800:]}")
+        last = (out.stdout + out.stderr).strip().splitlines() or ["?"]
+        raise StackError(f"{' '.join(argv[-3:])} failed: {last[-1][:300]}")
     return out.stdout
 
 
-__all__ = ["LocalBroker", "StackError", "java_check", "tail"]
+__all__ = ["LocalBroker", "StackError", "java_check"]

@@ -88,16 +88,16 @@ class Daemon:
             if proc.poll() is not None:
                 self.pidfile.unlink(missing_ok=True)
                 raise StackError(
-                    f"{self.name} exited with code {proc.returncode} while starting; "
-                    f"last log lines:\n{tail(self.logfile)}"
+                    f"{self.name} exited with code {proc.returncode} while starting "
+                    f"(log {self.logfile}): {last_line(self.logfile)}"
                 )
             if ready():
                 return proc.pid
             time.sleep(0.2)
         self.stop()
         raise StackError(
-            f"{self.name} did not come up within {timeout:.0f}s; see {self.logfile}:\n"
-            f"{tail(self.logfile)}"
+            f"{self.name} did not come up within {timeout:.0f}s (log {self.logfile}): "
+            f"{last_line(self.logfile)}"
         )
 
     def stop(self, timeout: float = 20.0) -> bool:
@@ -125,6 +125,12 @@ def _reap(pid: int) -> None:
     # When the daemon is our own child (tests), collect it so it does not linger as a zombie.
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a log, for one-line error messages."""
+    lines = [ln.strip() for ln in tail(path, 40).splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "(empty log)"
 
 
 def tail(path: Path, lines: int = 15) -> str:

@@ -91,5 +91,21 @@ def test_broker_that_dies_at_start_is_reported(tmp_path):
         kafka_controller_port=free_port(),
         kafka_heap="1k",
     )  # the JVM refuses such a heap and exits at once
-    with pytest.raises(StackError, match="exited with code"):
+    with pytest.raises(StackError, match="exited with code") as err:
         LocalBroker(s).start()
+    assert "\n" not in str(err.value)  # one line, with the log's last line and path
+
+
+def test_cli_errors_are_one_line_and_nonzero(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HEADWATER_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("HEADWATER_KAFKA_PORT", str(free_port()))
+    monkeypatch.setenv("HEADWATER_KAFKA_CONTROLLER_PORT", str(free_port()))
+    monkeypatch.setenv("HEADWATER_KAFKA_HEAP", "1k")
+    assert main(["kafka", "start"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("headwater: Kafka broker exited with code") and "\n" not in err
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert main(["kafka", "start"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "headwater: Java 17+ is required to run the local Kafka broker; install it"
+    )
