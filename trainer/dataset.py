@@ -1,0 +1,190 @@
+"""What one run trains and judges on, and how it becomes token batches.
+
+A run's data is bounded by what is new, never by the corpus: the examples since the current
+adapter, a bounded random replay of earlier examples (so the adapter does not forget), a few chunk
+texts of changed documents (vocabulary), and the held-out examples the gate scores (never
+trained on: `is_heldout` splits by example id hash).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from headwater.settings import Settings
+from trainer.examples import ExampleLog, is_heldout
+from trainer.style import StyleProfile
+
+log = logging.getLogger(__name__)
+
+DOC_SHARE = 0.1  # document text's share of the sampling weight: vocabulary, not behaviour
+DOC_CHARS = 2000  # chunk texts are cut to this before tokenizing
+
+
+class Item(BaseModel):
+    """One example as the run sees it."""
+
+    example_id: str
+    prompt: str
+    response: str
+    weight: float = 1.0
+
+
+@dataclass
+class RunData:
+    new: list[Item] = field(default_factory=list)
+    replay: list[Item] = field(default_factory=list)
+    heldout: list[Item] = field(default_factory=list)
+    docs: list[str] = field(default_factory=list)
+    profile: StyleProfile = field(default_factory=StyleProfile)
+
+    @property
+    def train_size(self) -> int:
+        return len(self.new) + len(self.replay) + len(self.docs)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "new_examples": len(self.new),
+            "replay_examples": len(self.replay),
+            "doc_texts": len(self.docs),
+            "heldout_examples": len(self.heldout),
+        }
+
+
+def select(log_: ExampleLog, base: int, end: int, settings: Settings, seed: int = 0) -> RunData:
+    """Split the example log at byte offsets: [base, end) is new, [0, base) is history."""
+    frac = settings.gate_holdout_fraction
+    earlier = log_.read(0, base)
+    fresh = log_.read(base, end)
+    heldout = [e for e in earlier + fresh if is_heldout(e.example_id, frac)]
+    train_earlier = [e for e in earlier if not is_heldout(e.example_id, frac) and e.weight > 0]
+    new = [e for e in fresh if not is_heldout(e.example_id, frac) and e.weight > 0]
+    rng = random.Random(seed)
+    replay = rng.sample(train_earlier, min(len(train_earlier), settings.train_replay_buffer))
+    # The established style: every training-side example so far, not just this run's batch, so
+    # one batch of odd examples cannot redefine what the gate checks.
+    profile = StyleProfile.learn((e.response, e.weight) for e in train_earlier + new)
+
+    def item(e: Any) -> Item:
+        return Item(example_id=e.example_id, prompt=e.prompt, response=e.response, weight=e.weight)
+
+    return RunData(
+        new=[item(e) for e in new],
+        replay=[item(e) for e in replay],
+        heldout=[item(e) for e in heldout[-settings.gate_max_holdout :]],
+        profile=profile,
+    )
+
+
+def plan_steps(settings: Settings, train_size: int) -> int:
+    """Steps scale with the run's data (a few passes), capped at settings.train_steps."""
+    passes = settings.train_epochs * train_size / settings.train_batch_size
+    return max(1, min(settings.train_steps, round(passes + 0.4999)))
+
+
+def fetch_chunk_texts(
+    settings: Settings, chunk_ids: list[str], limit: int, timeout_s: float = 10.0
+) -> list[str]:
+    """Texts of some added chunks, from Milvus; [] when Milvus or the collection is not there.
+
+    The collection layout belongs to the indexer: any collection named `<collection_prefix>_*`
+    whose primary key is `chunk_id` and that has a `text` field.
+    """
+    ids = chunk_ids[-limit:] if limit else []
+    if not ids:
+        return []
+    try:
+        from pymilvus import MilvusClient
+
+        # A dedicated connection, closed below: nothing shared with other clients in-process.
+        client = MilvusClient(**settings.milvus_client_config(), timeout=timeout_s, dedicated=True)
+    except Exception as exc:  # a run must work without Milvus
+        log.warning("no document text for this run (Milvus unavailable: %s)", exc)
+        return []
+    texts: list[str] = []
+    try:
+        for name in client.list_collections():
+            if not name.startswith(f"{settings.collection_prefix}_") or len(texts) >= len(ids):
+                continue
+            fields = client.describe_collection(name)["fields"]
+            primary = next((f["name"] for f in fields if f.get("is_primary")), None)
+            if primary != "chunk_id" or not any(f["name"] == "text" for f in fields):
+                continue
+            # By primary key: pymilvus quotes the ids, they never become expression text.
+            rows = client.query(name, ids=ids, output_fields=["text"], timeout=30)
+            texts += [r["text"][:DOC_CHARS] for r in rows if r.get("text")]
+    except Exception as exc:
+        log.warning("document text fetch failed, training without it: %s", exc)
+    finally:
+        client.close()
+    return texts[:limit]
+
+
+# -- tokens (runs in the training process) ---------------------------------------------------
+
+
+def encode_example(
+    tokenizer: Any, prompt: str, response: str, max_tokens: int
+) -> tuple[list, list]:
+    """Chat-formatted ids and labels; the loss is on the response (and its end token) only."""
+    prompt_text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+    p = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    r = tokenizer(response + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    r = r[:max_tokens]
+    p = p[-max(1, max_tokens - len(r)) :]  # keep the prompt's end (its question and role tag)
+    return p + r, [-100] * len(p) + r
+
+
+def encode_text(tokenizer: Any, text: str, max_tokens: int) -> tuple[list, list]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    return ids, list(ids)
+
+
+class Batches:
+    """Endless batches sampled with replacement in proportion to item weight."""
+
+    def __init__(self, encoded: list[tuple[list, list]], weights: list[float], pad_id: int,
+                 batch_size: int, seed: int) -> None:  # fmt: skip
+        if not encoded:
+            raise ValueError("no training items")
+        self.encoded, self.weights = encoded, weights
+        self.pad_id, self.batch_size = pad_id, batch_size
+        self.rng = random.Random(seed)
+
+    def next(self) -> dict[str, Any]:
+        picks = self.rng.choices(self.encoded, weights=self.weights, k=self.batch_size)
+        return collate(picks, self.pad_id)
+
+
+def collate(picks: list[tuple[list, list]], pad_id: int) -> dict[str, Any]:
+    import torch
+
+    width = max(len(ids) for ids, _ in picks)
+    input_ids = torch.full((len(picks), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(picks), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(picks), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(picks):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def training_items(
+    tokenizer: Any, data: RunData, max_tokens: int
+) -> tuple[list[tuple[list, list]], list[float]]:
+    """Encoded items and their sampling weights (document text gets DOC_SHARE of the total)."""
+    examples = data.new + data.replay
+    encoded = [encode_example(tokenizer, e.prompt, e.response, max_tokens) for e in examples]
+    weights = [e.weight for e in examples]
+    if data.docs:
+        doc_weight = (DOC_SHARE * sum(weights) / len(data.docs)) if weights else 1.0
+        encoded += [encode_text(tokenizer, t, max_tokens) for t in data.docs]
+        weights += [doc_weight] * len(data.docs)
+    return encoded, weights

@@ -1,0 +1,228 @@
+"""Adapter versions on disk, their gate decisions, and which one is current.
+
+Layout under `data_dir/adapters`: one folder per finished version (`v0003-20261124T1530`, ids
+sort by their number), `.tmp-<version>` while a run writes one, and `registry.json` (written
+atomically) listing every version with its status and metrics, `current`, and the history of
+promotions that `rollback` walks back. A folder is complete only with its weights and
+`headwater.json`; nothing else can be promoted.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from filelock import FileLock
+from pydantic import BaseModel, Field
+
+from headwater.settings import Settings
+from headwater.topics import producer
+from producers.events import AdapterAnnouncement
+from trainer import TrainerError
+from trainer.drift import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+METADATA = "headwater.json"
+WEIGHTS = ("adapter_model.safetensors", "adapter_config.json")
+VERSION_RE = re.compile(r"^v(\d{4,})-\d{8}T\d{4}$")
+Status = Literal["training", "accepted", "rejected", "failed"]
+PROMOTABLE = ("accepted", "rejected")  # a rejected version can still be promoted by hand
+
+
+class RegistryError(TrainerError):
+    """A registry operation that cannot be done (unknown version, nothing to roll back...)."""
+
+
+def adapters_root(settings: Settings) -> Path:
+    return settings.data_dir / "adapters"
+
+
+def adapter_path(settings: Settings, version: str) -> Path:
+    """Folder of an adapter version (what peft `load_adapter` takes)."""
+    return adapters_root(settings) / version
+
+
+def is_complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in (*WEIGHTS, METADATA))
+
+
+class VersionRecord(BaseModel):
+    version: str
+    status: Status
+    created: datetime
+    finished: datetime | None = None
+    parent: str | None = None
+    trigger: str = ""
+    data_mark: str = ""  # which data the run saw (example log length, chunk sequence)
+    reason: str = ""
+    metrics: dict[str, object] = Field(default_factory=dict)
+
+
+class RegistryState(BaseModel):
+    versions: list[VersionRecord] = Field(default_factory=list)
+    current: str | None = None
+    history: list[str] = Field(default_factory=list)  # promotions, oldest first
+
+    def get(self, version: str) -> VersionRecord | None:
+        return next((v for v in self.versions if v.version == version), None)
+
+
+class Registry:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.root = adapters_root(settings)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.path = self.root / "registry.json"
+        self._lock = FileLock(str(self.root / "registry.lock"), timeout=120)
+
+    def load(self) -> RegistryState:
+        if not self.path.exists():
+            return RegistryState()
+        return RegistryState.model_validate_json(self.path.read_text(encoding="utf-8"))
+
+    def _save(self, state: RegistryState) -> None:
+        atomic_write_json(self.path, state.model_dump(mode="json"))
+
+    def current(self) -> str | None:
+        return self.load().current
+
+    def last_run_time(self) -> datetime | None:
+        last = self.last_run()
+        return last.created if last else None
+
+    def last_run(self) -> VersionRecord | None:
+        return max(self.load().versions, key=lambda v: v.created, default=None)
+
+    def begin(
+        self, parent: str | None, trigger: str, now: datetime | None = None, data_mark: str = ""
+    ) -> str:
+        """Allocate the next version id and record it as training."""
+        now = now or datetime.now(UTC)
+        with self._lock:
+            state = self.load()
+            numbers = [int(m.group(1)) for m in map(VERSION_RE.match, self._names(state)) if m]
+            version = f"v{max(numbers, default=0) + 1:04d}-{now:%Y%m%dT%H%M}"
+            record = VersionRecord(
+                version=version,
+                status="training",
+                created=now,
+                parent=parent,
+                trigger=trigger,
+                data_mark=data_mark,
+            )
+            state.versions.append(record)
+            self._save(state)
+            return version
+
+    def _names(self, state: RegistryState) -> list[str]:
+        # Folders count too: an id is never reused, even one whose record was lost.
+        on_disk = [p.name.removeprefix(".tmp-") for p in self.root.iterdir() if p.is_dir()]
+        return [v.version for v in state.versions] + on_disk
+
+    def finish(
+        self, version: str, status: Status, reason: str, metrics: dict[str, object] | None = None
+    ) -> VersionRecord:
+        with self._lock:
+            state = self.load()
+            record = state.get(version)
+            if record is None:
+                raise RegistryError(f"unknown version {version}")
+            if status in PROMOTABLE and not is_complete(adapter_path(self.settings, version)):
+                status, reason = "failed", f"adapter files incomplete ({reason})"
+            record.status = status
+            record.reason = reason
+            record.finished = datetime.now(UTC)
+            if metrics is not None:
+                record.metrics = metrics
+            self._save(state)
+        if status == "failed":
+            self._remove(version)
+        return record
+
+    def _remove(self, version: str) -> None:
+        for folder in (adapter_path(self.settings, version), self.root / f".tmp-{version}"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def cleanup(self) -> list[str]:
+        """After a crash: runs still marked training become failed, half-written folders go.
+
+        Call only while no run is in progress (the trainer holds its run lock).
+        """
+        failed = []
+        with self._lock:
+            state = self.load()
+            for record in state.versions:
+                if record.status == "training":
+                    record.status, record.reason = "failed", "run interrupted"
+                    record.finished = datetime.now(UTC)
+                    failed.append(record.version)
+            known = {v.version for v in state.versions if v.status in PROMOTABLE}
+            for folder in self.root.iterdir():
+                if folder.is_dir() and folder.name not in known:
+                    shutil.rmtree(folder, ignore_errors=True)
+            self._save(state)
+        return failed
+
+    def promote(self, version: str) -> AdapterAnnouncement:
+        """Make `version` current (atomic registry write), then announce it."""
+        self.make_current(version)
+        return announce(self.settings, version)
+
+    def make_current(self, version: str) -> None:
+        """The registry half of `promote`: one atomic write, no announcement."""
+        with self._lock:
+            state = self.load()
+            record = state.get(version)
+            if record is None:
+                raise RegistryError(f"unknown version {version}")
+            if record.status not in PROMOTABLE:
+                raise RegistryError(f"{version} is {record.status}: only a finished run promotes")
+            if not is_complete(adapter_path(self.settings, version)):
+                raise RegistryError(f"{version}: adapter files are missing")
+            state.current = version
+            state.history.append(version)
+            self._save(state)
+
+    def rollback(self) -> tuple[str | None, AdapterAnnouncement]:
+        """Back to the previously promoted version (or the bare base model)."""
+        with self._lock:
+            state = self.load()
+            if state.current is None:
+                raise RegistryError("no current adapter to roll back")
+            if state.history and state.history[-1] == state.current:
+                state.history.pop()
+            state.current = state.history[-1] if state.history else None
+            self._save(state)
+        return state.current, announce(self.settings, state.current)
+
+    def listing(self) -> dict[str, object]:
+        """`headwater adapters list --json`: {"versions": [...], "current": ...}."""
+        state = self.load()
+        return {
+            "versions": [
+                {**v.model_dump(mode="json"), "current": v.version == state.current}
+                for v in sorted(state.versions, key=lambda v: v.version)
+            ],
+            "current": state.current,
+        }
+
+
+def announce(settings: Settings, version: str | None) -> AdapterAnnouncement:
+    """Publish the current version on the compacted adapters topic (key b"current")."""
+    event = AdapterAnnouncement(
+        version=version,
+        uri=adapter_path(settings, version).resolve().as_uri() if version else None,
+        base_model=settings.train_base_model,
+    )
+    p = producer(settings, client_id="headwater-registry")
+    try:
+        p.send(settings.adapters_topic, key=b"current", value=event.to_bytes()).get(timeout=60)
+    finally:
+        p.close()
+    log.info("announced adapter %s", version or "none (base model)")
+    return event
