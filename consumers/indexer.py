@@ -66,6 +66,7 @@ class _Rebalance(ConsumerRebalanceListener):
         self.indexer.drop_revoked(revoked)
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.indexer.restore_dropped(assigned)
         log.info("indexer assigned %s", sorted(tp.partition for tp in assigned))
 
 
@@ -96,6 +97,8 @@ class Indexer:
         # ones were dead-lettered on intake, so a retried batch never dead-letters twice).
         self._pending: list[ConsumerRecord] = []
         self._events: list[tuple[DocumentEvent, ConsumerRecord]] = []
+        # First offsets of records dropped at a revoke, per partition (see restore_dropped).
+        self._redo: dict[TopicPartition, int] = {}
         self._alias_pointed = False
 
     # -- the loop ------------------------------------------------------------------------------
@@ -105,7 +108,14 @@ class Indexer:
                  self.settings.indexer_group)  # fmt: skip
         try:
             while not stop.is_set():
-                self.run_once(stop)
+                try:
+                    self.run_once(stop)
+                except KafkaError as exc:
+                    # The broker is unreachable (dead letters, change events, commit): nothing
+                    # of the batch was committed, so take it again once Kafka answers.
+                    log.warning("Kafka unavailable, retrying the uncommitted batch: %s", exc)
+                    self._rewind()
+                    stop.wait(1.0)
         finally:
             self.close()
 
@@ -116,8 +126,9 @@ class Indexer:
             wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
             room = self.settings.batch_max_events - len(self._pending)
             polled = self.consumer.poll(timeout_ms=wait_ms or 0, max_records=room)
-            for records in polled.values():
-                self._intake(records)
+            batch = [r for records in polled.values() for r in records]
+            self._pending += batch  # all of it first: a failing intake rewinds every record
+            self._intake(batch)
             if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                 break
             if not polled and not self._pending:
@@ -149,7 +160,6 @@ class Indexer:
 
     def _intake(self, records: list[ConsumerRecord]) -> None:
         for record in records:
-            self._pending.append(record)
             try:
                 event = parse_document(record.value, self.limits)
                 check_event(event, record.key, self.settings)
@@ -221,6 +231,14 @@ class Indexer:
             # We lost the partitions mid-batch; the new owner re-applies (idempotently).
             log.warning("commit failed after rebalance, events will be redelivered: %s", exc)
 
+    def _rewind(self) -> None:
+        """Drop the uncommitted batch and seek back to its first offsets, to poll it again."""
+        assigned = self.consumer.assignment()
+        for tp, offset in _first_offsets(self._pending).items():
+            if tp in assigned:  # a revoked partition restarts from its committed offset anyway
+                self.consumer.seek(tp, offset)
+        self._pending, self._events = [], []
+
     def drop_revoked(self, revoked: set[TopicPartition]) -> None:
         """Forget uncommitted records of partitions we lost; their new owner re-applies them.
 
@@ -233,8 +251,22 @@ class Indexer:
         if len(kept) != len(self._pending):
             log.info("rebalance: %d uncommitted events go back to the group",
                      len(self._pending) - len(kept))  # fmt: skip
+        dropped = [r for r in self._pending if (r.topic, r.partition) in gone]
+        for tp, offset in _first_offsets(dropped).items():
+            self._redo[tp] = min(self._redo.get(tp, offset), offset)
         self._pending = kept
         self._events = [(e, r) for e, r in self._events if (r.topic, r.partition) not in gone]
+
+    def restore_dropped(self, assigned: set[TopicPartition]) -> None:
+        """Seek partitions we got back to the first record `drop_revoked` forgot.
+
+        kafka-python keeps a retained partition's position across a rebalance, so without the
+        seek those records would be skipped: never applied, and committed past by a later batch.
+        """
+        redo, self._redo = self._redo, {}
+        for tp, offset in redo.items():
+            if tp in assigned:
+                self.consumer.seek(tp, offset)
 
     def _update_lag(self) -> None:
         for tp in self.consumer.assignment():
@@ -251,3 +283,11 @@ class Indexer:
         finally:
             self.consumer.close(autocommit=False)
             self.producer.close(timeout=10)
+
+
+def _first_offsets(records: list[ConsumerRecord]) -> dict[TopicPartition, int]:
+    first: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        first[tp] = min(first.get(tp, r.offset), r.offset)
+    return first

@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 TEXT_MAX = 65_535
+SECTION_MAX = 2_000
 QUERY_CHUNK = 500  # ids per `in [...]` expression, to keep expressions small
+COLLECTION_NOT_LOADED = 101  # Milvus error code: "call load() before search/get/query"
 
 
 class StoreError(RuntimeError):
@@ -53,6 +55,16 @@ def lit(value: str) -> str:
     if not _SAFE.match(value):
         raise ValueError(f"refusing to put {value!r} into a filter expression")
     return f'"{value}"'
+
+
+def clip(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` of UTF-8: Milvus measures VARCHAR limits in bytes.
+
+    A chunk can exceed the text field (one 100 KB "word" is a single [UNK] token); storing it
+    clipped keeps the document searchable instead of failing its partition's batch forever.
+    """
+    raw = text.encode()
+    return text if len(raw) <= max_bytes else raw[:max_bytes].decode(errors="ignore")
 
 
 def _in(field_name: str, values: Iterable[str]) -> str:
@@ -323,8 +335,8 @@ class ChunkStore:
         data = [
             {
                 "chunk_id": r.chunk_id, "tenant": r.tenant, "doc_key": r.doc_key,
-                "doc_id": r.doc_id, "version": r.version, "section": r.section[:2000],
-                "text": r.text, "dense": [float(x) for x in r.vector],
+                "doc_id": r.doc_id, "version": r.version, "section": clip(r.section, SECTION_MAX),
+                "text": clip(r.text, TEXT_MAX), "dense": [float(x) for x in r.vector],
             }
             for r in rows
         ]  # fmt: skip
@@ -366,6 +378,18 @@ class ChunkStore:
 
     # -- plumbing ------------------------------------------------------------------------------
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._call_once(fn, *args, **kwargs)
+        except StoreError as exc:
+            if getattr(exc.__cause__, "code", None) != COLLECTION_NOT_LOADED:
+                raise
+        # A restarted Milvus serves its collections released: without a load every retry fails.
+        log.warning("Milvus %s: collections are released (server restarted?); loading", fn.__name__)
+        for name in (self.chunks, self.docs):
+            self._call_once(self.client.load_collection, name)
+        return self._call_once(fn, *args, **kwargs)
+
+    def _call_once(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         # pymilvus clients are not documented as thread-safe; searches and writes may share one.
         t0 = time.perf_counter()
         try:

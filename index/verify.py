@@ -8,6 +8,7 @@ chunks of deleted documents, and leaked rows (a row whose tenant does not own it
 from __future__ import annotations
 
 import contextlib
+import random
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,9 @@ from kafka import TopicPartition
 from headwater.settings import Settings
 from headwater.topics import consumer as make_consumer
 from index.chunker import Chunk
+from index.search import Searcher
 from index.store import ChunkStore, doc_key
+from index.writer import check_event
 from producers.events import DocumentEvent, EventError, Limits, parse_document
 
 
@@ -40,13 +43,19 @@ class Report:
     leaked: int = 0
     deleted_present: int = 0
     wrong_version: int = 0
+    # From `check_search`: sampled searches, hits that are not a live chunk of the searching
+    # tenant's document at its latest version, and sampled documents their own text missed.
+    searched: int = 0
+    search_wrong: int = 0
+    search_missed: int = 0
     examples: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
+        # search_missed is ranking quality (degenerate texts tie), not index truth.
         return not (
             self.missing or self.stale or self.duplicates or self.leaked or self.deleted_present
-            or self.wrong_version
+            or self.wrong_version or self.search_wrong
         )  # fmt: skip
 
     def note(self, text: str) -> None:
@@ -99,7 +108,9 @@ def read_documents_topic(settings: Settings, timeout_s: float = 30.0) -> list[Do
                         continue
                     # Invalid events were dead-lettered by the indexer; not part of the truth.
                     with contextlib.suppress(EventError):
-                        events.append(parse_document(r.value, limits))
+                        event = parse_document(r.value, limits)
+                        check_event(event, r.key, settings)
+                        events.append(event)
                 if c.position(tp) >= end[tp]:
                     remaining.discard(tp)
         return events
@@ -149,4 +160,39 @@ def verify(store: ChunkStore, expected: dict[str, ExpectedDoc]) -> Report:
     for key, rows in rows_by_doc.items():  # rows of documents no event mentions
         report.stale += len(rows)
         report.note(f"{len(rows)} rows of unknown document {rows[0]['doc_id']} ({key})")
+    return report
+
+
+def check_search(
+    searcher: Searcher,
+    expected: dict[str, ExpectedDoc],
+    report: Report,
+    sample: int = 20,
+    k: int = 10,
+    seed: int = 0,
+) -> Report:
+    """Search a sample of live documents by their first chunk's text, within their tenant.
+
+    Every hit must be a live chunk of a document of that tenant at its expected version (a hit
+    of another tenant, a deleted document or a superseded version counts in `search_wrong`); a
+    sampled document absent from its own search counts in `search_missed`.
+    """
+    live = sorted(key for key, e in expected.items() if not e.deleted and e.chunk_ids)
+    picked = random.Random(seed).sample(live, min(sample, len(live)))
+    rows = searcher.store.chunk_rows(expected[key].chunk_ids[0] for key in picked)
+    texts = {r["chunk_id"]: r["text"] for r in rows}
+    for key in picked:
+        exp = expected[key]
+        query = " ".join(texts.get(exp.chunk_ids[0], "").split())[:2000] or exp.doc_id
+        hits = searcher.search(query, tenant=exp.tenant, k=k)
+        report.searched += 1
+        for h in hits:
+            want = expected.get(doc_key(exp.tenant, h.doc_id))
+            allowed = () if want is None or want.deleted else want.chunk_ids
+            if h.chunk_id not in allowed or h.version != want.version:
+                report.search_wrong += 1
+                report.note(f"search in {exp.tenant} returned {h.doc_id} v{h.version}")
+        if all(h.doc_id != exp.doc_id for h in hits):
+            report.search_missed += 1
+            report.note(f"{exp.tenant}/{exp.doc_id} not in the top {k} for its own text")
     return report

@@ -85,7 +85,7 @@ def settings(stack_settings: Settings, tmp_path: Path) -> Settings:
             "standing_group": f"{tag}-standing",
             "data_dir": tmp_path / "data",
             "batch_max_ms": 50,
-            "freshness_wait_s": 30.0,
+            "freshness_wait_s": 60.0,
         }
     )
     s.data_dir.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("verify", help="compare the index with the documents topic (the truth)")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=20,
+        metavar="N",
+        help="also search N live documents by their own text (right tenant, right version)",
+    )
     p.set_defaults(func=_verify)
 
 
@@ -93,8 +100,9 @@ def _search(settings: Settings, args: argparse.Namespace) -> int:
 
 def _verify(settings: Settings, args: argparse.Namespace) -> int:
     from index.embedder import load_embedder
+    from index.search import Searcher
     from index.store import ChunkStore
-    from index.verify import expected_index, read_documents_topic, verify
+    from index.verify import check_search, expected_index, read_documents_topic, verify
     from index.writer import IndexWriter
 
     require_stack(settings)
@@ -103,6 +111,9 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
     writer = IndexWriter(settings, embedder, store)
     expected = expected_index(read_documents_topic(settings), writer.chunk)
     report = verify(store, expected)
+    if args.sample > 0:
+        check_search(Searcher(settings, embedder, store), expected, report, sample=args.sample)
+    store.close()
     if args.json:
         print(json.dumps(report.to_dict()))
     else:
@@ -115,6 +126,9 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
             "leaked",
             "deleted_present",
             "wrong_version",
+            "searched",
+            "search_wrong",
+            "search_missed",
         ):
             print(f"{name:>16}: {getattr(report, name)}")
         for line in report.examples:

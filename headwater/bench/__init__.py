@@ -1,0 +1,1 @@
+"""Benchmarks: `headwater bench NAME|all` (see BENCHMARKS.md)."""
