@@ -65,7 +65,8 @@ def test_ingest_quick(ctx) -> None:
     assert len(ctx.memo.vectors) > 0  # the bare pass feeds later benchmarks
 
 
-@pytest.mark.slow
+# Hangs on the current tree (issue 6 open): run under `make soak` until fixed.
+@pytest.mark.soak
 def test_incremental_quick(ctx) -> None:
     f = incremental.run(ctx, docs=1, window=120)
     _result(ctx, "incremental", {"headwater_embeddings", "whole_doc_embeddings",
@@ -101,7 +102,8 @@ def test_query_quick(ctx) -> None:
     assert (ctx.out_dir / "query.png").is_file()
 
 
-@pytest.mark.slow
+# Never completed as a test on this machine (issue 6 open): `make soak` only.
+@pytest.mark.soak
 def test_lora_and_first_token_quick(ctx) -> None:
     f = lora.run(ctx, sizes=[6], replay=3, heldout=1, docs=1, steps=1, gate_tokens=4)
     _result(ctx, "lora", {"runs", "seconds", "peak_rss_mib", "swap"})
