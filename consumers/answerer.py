@@ -27,7 +27,7 @@ from prometheus_client import Counter, Histogram
 
 from consumers.generation import AdapterFollower, Generator, extractive_answer
 from headwater.settings import Settings
-from headwater.topics import await_topic
+from headwater.topics import await_topic, poll
 from headwater.topics import consumer as make_consumer
 from headwater.topics import producer as make_producer
 from producers.events import TENANT_RE, AnswerEvent, Citation, EventError, QueryEvent, parse_query
@@ -326,8 +326,8 @@ class Answerer:
             while not stop.is_set():
                 if offsets.in_flight < limit:
                     try:
-                        polled = consumer.poll(
-                            timeout_ms=200, max_records=limit - offsets.in_flight
+                        polled = poll(
+                            consumer, timeout_ms=200, max_records=limit - offsets.in_flight
                         )
                     except KafkaError as exc:  # the broker is away: keep trying, don't die
                         log.warning("polling %s failed: %s", s.queries_topic, exc)

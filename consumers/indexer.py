@@ -20,7 +20,7 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge, Histogram
 
 from headwater.settings import Settings
-from headwater.topics import await_topic
+from headwater.topics import await_topic, poll
 from headwater.topics import consumer as make_consumer
 from headwater.topics import producer as make_producer
 from index.embedder import Embedder, load_embedder
@@ -125,7 +125,7 @@ class Indexer:
         while len(self._pending) < self.settings.batch_max_events:
             wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
             room = self.settings.batch_max_events - len(self._pending)
-            polled = self.consumer.poll(timeout_ms=wait_ms or 0, max_records=room)
+            polled = poll(self.consumer, timeout_ms=wait_ms or 0, max_records=room)
             batch = [r for records in polled.values() for r in records]
             self._pending += batch  # all of it first: a failing intake rewinds every record
             self._intake(batch)
@@ -153,7 +153,7 @@ class Indexer:
                         return 0
                     if stop is None:
                         time.sleep(backoff)
-                    self.consumer.poll(timeout_ms=0)  # stay in the group; may rebalance
+                    poll(self.consumer, timeout_ms=0)  # stay in the group; may rebalance
                 finally:
                     self.consumer.resume(*self.consumer.paused())
                 backoff = min(MAX_BACKOFF_S, backoff * 2)

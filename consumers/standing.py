@@ -28,7 +28,7 @@ from prometheus_client import Counter
 from pydantic import ValidationError
 
 from headwater.settings import Settings
-from headwater.topics import await_topic
+from headwater.topics import await_topic, poll
 from headwater.topics import consumer as make_consumer
 from headwater.topics import producer as make_producer
 from index.embedder import Embedder
@@ -216,7 +216,7 @@ class StandingMatcher:
         """Handle one poll of change events; returns how many were handled."""
         if self._changes is None:
             self._open()
-        polled = self._changes.poll(timeout_ms=timeout_ms)
+        polled = poll(self._changes, timeout_ms=timeout_ms)
         if self._changes.assignment():
             if not self.ready.is_set():
                 self.catch_up()

@@ -10,6 +10,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.structs import MemberState
 
 from headwater.settings import Settings
 
@@ -120,6 +121,22 @@ def consumer(settings: Settings, *topics: str, **overrides: object) -> KafkaCons
     return KafkaConsumer(*topics, **cfg)
 
 
+def poll(consumer: KafkaConsumer, timeout_ms: int, max_records: int | None = None) -> dict:
+    """`consumer.poll`, first reviving a rebalance that kafka-python 3.0.12 lost.
+
+    When a rebalance is triggered by a metadata change (not by the coordinator) and the poll that
+    started it times out, the finished join is never applied: heartbeats stay off, the broker
+    evicts the member after session.timeout.ms and the consumer polls nothing, silently, forever.
+    Asking for a rejoin in that state makes the next poll join again.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    rebalancing = getattr(coordinator, "state", None) == MemberState.REBALANCING
+    if rebalancing and consumer.subscription() and not coordinator.need_rejoin():
+        log.info("consumer group %s: rejoining after a lost rebalance", coordinator.group_id)
+        coordinator.request_rejoin()
+    return consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+
+
 def await_topic(consumer: Any, topic: str, timeout_s: float = 30.0) -> None:
     """Wait until the client's metadata knows `topic`, before the consumer joins its group.
 
@@ -141,6 +158,7 @@ __all__ = [
     "await_topic",
     "consumer",
     "ensure_topics",
+    "poll",
     "producer",
     "topic_specs",
 ]

@@ -106,3 +106,23 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     # Models come from packages or local folders; never reach for a hub during tests.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator:
+    """On a failure, attach the stack of every other live thread (where an indexer hangs)."""
+    report = yield
+    if report.failed and call.when == "call":
+        import sys
+        import threading
+        import traceback
+
+        frames = sys._current_frames()
+        stacks = []
+        for t in threading.enumerate():
+            if t is threading.current_thread() or t.ident not in frames:
+                continue
+            stack = "".join(traceback.format_stack(frames[t.ident])[-12:])
+            stacks.append(f"--- thread {t.name} ---\n{stack}")
+        report.sections.append(("live threads at failure", "\n".join(stacks)))
+    return report

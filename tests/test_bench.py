@@ -84,7 +84,7 @@ def test_incremental_quick(ctx) -> None:
 
 @pytest.mark.slow
 def test_freshness_quick(ctx) -> None:
-    f = freshness.run(ctx, events=12, rate=4.0, sample_every=4)
+    f = freshness.run(ctx, events=12, rate=4.0, sample_every=4, snapshot="touched")
     _result(ctx, "freshness", {"p50_s", "p95_s", "p99_s", "rate_eps", "events", "visible"})
     assert f["events"] == 12 and f["never_visible"] == 0
     assert 0 < f["p50_s"] <= f["p95_s"] <= f["p99_s"]

@@ -112,7 +112,8 @@ def test_tenant_isolation_over_many_random_searches(live):
     _isolation(live, searches=300, via_http=True)
 
 
-@pytest.mark.slow
+# 10k searches take minutes: `make soak`; CI runs the HTTP variant above with 300.
+@pytest.mark.soak
 def test_tenant_isolation_over_ten_thousand_searches(live):
     _isolation(live, searches=10_000, via_http=False)
 
