@@ -8,6 +8,7 @@ trained on: `is_heldout` splits by example id hash).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -58,8 +59,10 @@ class RunData:
 def select(log_: ExampleLog, base: int, end: int, settings: Settings, seed: int = 0) -> RunData:
     """Split the example log at byte offsets: [base, end) is new, [0, base) is history."""
     frac = settings.gate_holdout_fraction
-    earlier = log_.read(0, base)
-    fresh = log_.read(base, end)
+    # Examples reach the log in partition-interleaving order, which differs from run to run;
+    # a canonical order makes a run over the same examples train and gate the same way.
+    earlier = sorted(log_.read(0, base), key=_order)
+    fresh = sorted(log_.read(base, end), key=_order)
     heldout = [e for e in earlier + fresh if is_heldout(e.example_id, frac)]
     train_earlier = [e for e in earlier if not is_heldout(e.example_id, frac) and e.weight > 0]
     new = [e for e in fresh if not is_heldout(e.example_id, frac) and e.weight > 0]
@@ -78,6 +81,10 @@ def select(log_: ExampleLog, base: int, end: int, settings: Settings, seed: int 
         heldout=[item(e) for e in heldout[-settings.gate_max_holdout :]],
         profile=profile,
     )
+
+
+def _order(e: Any) -> bytes:
+    return hashlib.sha256(e.example_id.encode()).digest()
 
 
 def plan_steps(settings: Settings, train_size: int) -> int:

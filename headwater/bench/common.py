@@ -366,27 +366,17 @@ def join_group(ix: Any, timeout: float = 60.0) -> None:
 
 
 def index_through(ix: Any, token: Any, timeout: float) -> None:
-    """Run the indexer's loop in this thread until it has applied and committed `token`.
+    """Run the indexer's loop in this thread until its group has committed past `token`.
 
-    Positions, not a count of consumed records: a batch that outlives max.poll.interval.ms is
-    redelivered after a rebalance, and counting it twice would end the wait too early.
+    Committed offsets, not a count of consumed records: a batch that outlives
+    max.poll.interval.ms is redelivered after a rebalance, and counting it twice would end the
+    wait too early.
     """
-    from kafka import TopicPartition
+    from consumers.progress import Progress
 
-    topic = ix.settings.documents_topic
     deadline = time.monotonic() + timeout
-
-    def done() -> bool:
-        if ix._pending:
-            return False
-        assigned = ix.consumer.assignment()
-        for partition, offset in token.items():
-            tp = TopicPartition(topic, partition)
-            if tp not in assigned or ix.consumer.position(tp) <= offset:
-                return False
-        return True
-
-    while not done():
-        if time.monotonic() > deadline:
-            raise BenchError(f"the indexer did not apply {token} within {timeout:.0f} s")
-        ix.run_once()
+    with Progress(ix.settings) as progress:
+        while ix._pending or not progress.is_applied(token):
+            if time.monotonic() > deadline:
+                raise BenchError(f"the indexer did not apply {token} within {timeout:.0f} s")
+            ix.run_once()

@@ -39,7 +39,10 @@ def write(out: Path) -> Path:
     if path.is_file() and MARKER in (old := path.read_text()):
         notes = old.split(MARKER, 1)[1].strip("\n")
     if path == REPO / "BENCHMARKS.md":
-        sections = [(REPO / DEFAULT_OUT, "Full run"), (REPO / DEFAULT_OUT / "quick", "Quick run")]
+        sections = [
+            (REPO / DEFAULT_OUT, "Larger runs (`bench/results/`)"),
+            (REPO / DEFAULT_OUT / "quick", "Quick run (`bench/results/quick/`)"),
+        ]
     else:
         sections = [(Path(out), "Results")]
     lines = [
