@@ -139,6 +139,8 @@ def test_hostile_doc_ids_cannot_touch_other_rows(settings: Settings, embedder):
         member.close()
     store = ChunkStore(s, embedder.model_id, embedder.dim)
     try:
+        fields = store.client.describe_collection(store.chunks)["fields"]
+        assert next(f for f in fields if f["name"] == "tenant").get("is_partition_key")
         searcher = Searcher(s, embedder, store)
         mine = {h.doc_id for h in searcher.search("document", tenant="default", k=100)}
         assert mine == {*HOSTILE_IDS, "bystander.md"}
