@@ -62,6 +62,7 @@ def test_ingest_quick(ctx) -> None:
     assert doc["pipeline_cps"] > 0 and doc["bare_cps"] > 0
     assert doc["ratio"] == pytest.approx(doc["pipeline_cps"] / doc["bare_cps"], rel=0.01)
     assert f["pipeline_recall_at_5"] >= 0.5  # a page's own summary line finds it
+    assert f["services_cpu_s"] > 0 and f["pipeline_process_cpu_s"] > 0  # both sides measured
     assert len(ctx.memo.vectors) > 0  # the bare pass feeds later benchmarks
 
 

@@ -231,6 +231,37 @@ class BenchContext:
         return self._embedder
 
 
+class ServiceCPU:
+    """CPU seconds used by the local broker and Milvus Lite (and their children) on this machine.
+
+    On a 2-core machine the services compete with the embedder; this is how much.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        import psutil
+
+        from headwater.broker import LocalBroker
+        from headwater.liteserver import LiteServer
+
+        self.procs: list[Any] = []
+        for service, local in ((LocalBroker, settings.uses_local_kafka),
+                               (LiteServer, settings.uses_local_milvus)):  # fmt: skip
+            pid = service(settings).daemon.pid() if local else None
+            if pid is not None:
+                self.procs.append(psutil.Process(pid))
+
+    def seconds(self) -> float:
+        import psutil
+
+        total = 0.0
+        for p in self.procs:
+            with contextlib.suppress(psutil.Error):
+                for q in (p, *p.children(recursive=True)):
+                    t = q.cpu_times()
+                    total += t.user + t.system
+        return total
+
+
 def corpus(name: str) -> tuple[list[Any], list[Any]]:
     """(snapshot records, event records) of a shared corpus, each in seq order."""
     from producers.corpus import read_corpus

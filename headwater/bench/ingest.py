@@ -21,6 +21,7 @@ import numpy as np
 from headwater.bench.common import (
     BenchContext,
     CountingEmbedder,
+    ServiceCPU,
     corpus,
     description,
     index_through,
@@ -76,6 +77,8 @@ def run(
         pipeline_s = bare_s = publish_s = 0.0
         chunks = bare_chunks = 0
         embed_s = 0.0  # of pipeline_s, the time inside the embedder's encode
+        services = ServiceCPU(ctx.settings)
+        services_s = own_s = 0.0  # CPU-s of the pipeline phases: broker + Milvus, this process
         per_round: list[dict[str, Any]] = []
         vectors: list[np.ndarray] = []
         try:
@@ -96,9 +99,10 @@ def run(
                     token = replay(pub, part, tenant="default")
                     publish_s += time.monotonic() - t0
                     profiler = _profiler() if profiled else None
-                    t0 = time.monotonic()
+                    t0, svc0, own0 = time.monotonic(), services.seconds(), time.process_time()
                     index_through(ix, token, timeout=3600)
                     p_s = time.monotonic() - t0
+                    svc_s, my_s = services.seconds() - svc0, time.process_time() - own0
                     if profiler is not None:
                         profiler.stop()
                         ctx.out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,6 +126,8 @@ def run(
                         chunks += n
                         bare_chunks += len(part_texts)
                         embed_s += counting.seconds - encode_s
+                        services_s += svc_s
+                        own_s += my_s
             stats = ix.stats
         finally:
             ix.close()
@@ -156,6 +162,10 @@ def run(
         # load swings between the bare and the pipeline passes, unlike `ratio`.
         "embed_s": round(embed_s, 2),
         "embed_share": round(embed_s / pipeline_s, 3),
+        # Where the CPU went while the pipeline ran (2 cores = 2 CPU-seconds per second).
+        "services_cpu_s": round(services_s, 2),
+        "pipeline_process_cpu_s": round(own_s, 2),
+        "services_cpu_share": round(services_s / (services_s + own_s), 3) if own_s else None,
         "rounds": per_round,
         "indexer_batches": stats.batches,
         "embed_calls": counting.calls,
