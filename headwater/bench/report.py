@@ -224,7 +224,8 @@ def _detail(name: str, d: dict[str, Any], folder: Path, base: Path) -> list[str]
             lines += [
                 f"While the pipeline ran, the local Kafka broker and Milvus Lite server used "
                 f"{_num(d['services_cpu_s'])} CPU-seconds beside the "
-                f"{_num(d['pipeline_process_cpu_s'])} of the indexer's process: {_num(100 * d['services_cpu_share'])} % of the CPU "
+                f"{_num(d['pipeline_process_cpu_s'])} of the indexer's process: "
+                f"{_num(100 * d['services_cpu_share'])} % of the CPU "
                 "went to the services, on the same 2 cores the embedder needs (the bare pass has "
                 "them to itself).",
                 "",
