@@ -140,6 +140,25 @@ def run(
     return figures
 
 
+def _versions(store: Any, keys: set[str]) -> dict[str, tuple[int, bool]]:
+    """`{doc key: (live version, deleted)}`: the swap point, without the chunk-id lists.
+
+    `doc_states` would parse every pending document's chunk ids 50 times a second, which with
+    a backlog of hundreds took the indexer's CPU (and GIL) from under it.
+    """
+    from index.store import QUERY_CHUNK, _in
+
+    out: dict[str, tuple[int, bool]] = {}
+    ordered = sorted(keys)
+    for i in range(0, len(ordered), QUERY_CHUNK):
+        rows = store.client.query(
+            store.docs, filter=_in("doc_key", ordered[i : i + QUERY_CHUNK]),
+            output_fields=["doc_key", "version", "deleted"],
+        )  # fmt: skip
+        out.update({r["doc_key"]: (int(r["version"]), bool(r["deleted"])) for r in rows})
+    return out
+
+
 def _replay_timed(
     s: Any, pub: Any, history: list[Any], rate: float, sample_every: int, to_event: Any,
     doc_key: Any, ChunkStore: Any, Searcher: Any, load_embedder: Any, embedder: Any,
@@ -161,14 +180,14 @@ def _replay_timed(
             with lock:
                 todo = list(waiting.values())
             if todo:
-                states = store.doc_states(p.key for p in todo)
+                states = _versions(store, {p.key for p in todo})
                 now = time.monotonic()
                 with lock:
                     for p in todo:
                         st = states.get(p.key)
-                        if st is None or st.version < p.version:
+                        if st is None or st[0] < p.version:
                             continue
-                        if p.op == "upsert" or st.deleted or st.version > p.version:
+                        if p.op == "upsert" or st[1] or st[0] > p.version:
                             p.seen = now
                             waiting.pop(p.n, None)
             time.sleep(POLL_S)
