@@ -144,8 +144,8 @@ class ChunkStore:
     def _create_chunks(self, *, bm25: bool) -> None:
         s = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         s.add_field("chunk_id", DataType.VARCHAR, max_length=64, is_primary=True)
-        # Partition key: a search filtered to one tenant scans that tenant's partition, not
-        # every tenant's rows (query latency stays flat as other tenants grow).
+        # Partition key: a Milvus server prunes a tenant-filtered search to that tenant's
+        # partition (Milvus Lite measured no difference; see BENCHMARKS.md, query).
         s.add_field("tenant", DataType.VARCHAR, max_length=64, is_partition_key=True)
         s.add_field("doc_key", DataType.VARCHAR, max_length=40)
         s.add_field("doc_id", DataType.VARCHAR, max_length=2048)
