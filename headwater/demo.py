@@ -12,8 +12,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from headwater.commands.stack import start_stack
 from headwater.settings import Settings
@@ -135,7 +137,10 @@ def _show(con: Console, query: str, hits: list) -> None:
     table.add_column("text")
     for i, h in enumerate(hits, 1):
         snippet = " ".join(h.text.split())
-        table.add_row(str(i), f"{h.doc_id} (v{h.version})", f"{h.score:.3f}", snippet[:90])
+        # Text, not markup: tldr pages write "[c]reate a [f]ile", which rich would eat as tags.
+        table.add_row(
+            str(i), Text(f"{h.doc_id} (v{h.version})"), f"{h.score:.3f}", Text(snippet[:90])
+        )
     con.print(table)
 
 
@@ -157,13 +162,13 @@ def _answer(con: Console, settings: Settings, searcher: object) -> None:
             if event.kind == "hits":
                 sources = event.hits or []
             elif event.kind == "token":
-                con.print(event.text, end="", soft_wrap=True, highlight=False)
+                con.print(event.text, end="", soft_wrap=True, highlight=False, markup=False)
             elif event.kind == "done":
                 timing = event.timing or {}
                 con.print(f"\n[dim]first token {timing.get('first_token_ms', 0):.0f} ms, "
                           f"total {timing.get('total_ms', 0):.0f} ms, "
                           f"adapter {event.adapter_version or 'none'}[/]")  # fmt: skip
             elif event.kind == "error":
-                con.print(f"\n[red]error: {event.error}[/]")
+                con.print(f"\n[red]error: {escape(str(event.error))}[/]")
         for i, c in enumerate(sources, 1):
-            con.print(f"  [{i}] {c.doc_id} (v{c.version})")
+            con.print(f"  [{i}] {c.doc_id} (v{c.version})", markup=False)
