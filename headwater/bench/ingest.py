@@ -163,9 +163,12 @@ def run(
         "embed_s": round(embed_s, 2),
         "embed_share": round(embed_s / pipeline_s, 3),
         # Where the CPU went while the pipeline ran (2 cores = 2 CPU-seconds per second).
-        "services_cpu_s": round(services_s, 2),
+        # None when Kafka and Milvus are remote: their CPU is not this machine's to count.
+        "services_cpu_s": round(services_s, 2) if services.procs else None,
         "pipeline_process_cpu_s": round(own_s, 2),
-        "services_cpu_share": round(services_s / (services_s + own_s), 3) if own_s else None,
+        "services_cpu_share": (
+            round(services_s / (services_s + own_s), 3) if services.procs and own_s else None
+        ),
         "rounds": per_round,
         "indexer_batches": stats.batches,
         "embed_calls": counting.calls,
