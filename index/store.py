@@ -209,57 +209,52 @@ class ChunkStore:
             self.client.create_alias(self.chunks, self.alias)
 
     # -- reads ---------------------------------------------------------------------------------
-    def doc_states(self, keys: Iterable[str]) -> dict[str, DocState]:
-        out: dict[str, DocState] = {}
-        keys = list(dict.fromkeys(keys))
-        for i in range(0, len(keys), QUERY_CHUNK):
-            rows = self._call(
+    def _query_in(
+        self, collection: str, field_name: str, values: Iterable[str], fields: list[str]
+    ) -> list[dict]:
+        """Rows whose `field_name` is one of `values`, in expressions of QUERY_CHUNK ids."""
+        ids = list(dict.fromkeys(values))
+        out: list[dict] = []
+        for i in range(0, len(ids), QUERY_CHUNK):
+            out += self._call(
                 self.client.query,
-                self.docs,
-                filter=_in("doc_key", keys[i : i + QUERY_CHUNK]),
-                output_fields=["doc_key", "tenant", "doc_id", "version", "deleted", "chunk_ids",
-                               "metadata"],
-            )  # fmt: skip
-            for r in rows:
-                out[r["doc_key"]] = DocState(
-                    key=r["doc_key"],
-                    tenant=r["tenant"],
-                    doc_id=r["doc_id"],
-                    version=int(r["version"]),
-                    deleted=bool(r["deleted"]),
-                    chunk_ids=tuple(r["chunk_ids"] or ()),
-                    metadata=dict(r["metadata"] or {}),
-                )
+                collection,
+                filter=_in(field_name, ids[i : i + QUERY_CHUNK]),
+                output_fields=fields,
+            )
         return out
 
-    def existing_chunks(self, chunk_ids: Iterable[str]) -> set[str]:
-        ids = list(dict.fromkeys(chunk_ids))
-        found: set[str] = set()
-        for i in range(0, len(ids), QUERY_CHUNK):
-            rows = self._call(
-                self.client.query,
-                self.chunks,
-                filter=_in("chunk_id", ids[i : i + QUERY_CHUNK]),
-                output_fields=["chunk_id"],
+    def doc_states(self, keys: Iterable[str]) -> dict[str, DocState]:
+        fields = ["doc_key", "tenant", "doc_id", "version", "deleted", "chunk_ids", "metadata"]
+        return {
+            r["doc_key"]: DocState(
+                key=r["doc_key"],
+                tenant=r["tenant"],
+                doc_id=r["doc_id"],
+                version=int(r["version"]),
+                deleted=bool(r["deleted"]),
+                chunk_ids=tuple(r["chunk_ids"] or ()),
+                metadata=dict(r["metadata"] or {}),
             )
-            found.update(r["chunk_id"] for r in rows)
-        return found
+            for r in self._query_in(self.docs, "doc_key", keys, fields)
+        }
+
+    def doc_versions(self, keys: Iterable[str]) -> dict[str, tuple[int, bool]]:
+        """`{doc key: (live version, deleted)}`: the swap point without the chunk-id lists,
+        for callers that poll many documents often."""
+        rows = self._query_in(self.docs, "doc_key", keys, ["doc_key", "version", "deleted"])
+        return {r["doc_key"]: (int(r["version"]), bool(r["deleted"])) for r in rows}
+
+    def existing_chunks(self, chunk_ids: Iterable[str]) -> set[str]:
+        rows = self._query_in(self.chunks, "chunk_id", chunk_ids, ["chunk_id"])
+        return {r["chunk_id"] for r in rows}
 
     def chunk_rows(self, chunk_ids: Iterable[str], *, vectors: bool = False) -> list[dict]:
         """Stored rows for these chunk ids (text, section, doc; the vector when asked)."""
         fields = ["chunk_id", "tenant", "doc_key", "doc_id", "version", "section", "text"]
         if vectors:
             fields.append("dense")
-        ids = list(dict.fromkeys(chunk_ids))
-        out: list[dict] = []
-        for i in range(0, len(ids), QUERY_CHUNK):
-            out += self._call(
-                self.client.query,
-                self.chunks,
-                filter=_in("chunk_id", ids[i : i + QUERY_CHUNK]),
-                output_fields=fields,
-            )
-        return out
+        return self._query_in(self.chunks, "chunk_id", chunk_ids, fields)
 
     def vectors(self, chunk_ids: Iterable[str]) -> dict[str, list[float]]:
         return {r["chunk_id"]: list(r["dense"]) for r in self.chunk_rows(chunk_ids, vectors=True)}

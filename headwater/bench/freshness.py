@@ -140,25 +140,6 @@ def run(
     return figures
 
 
-def _versions(store: Any, keys: set[str]) -> dict[str, tuple[int, bool]]:
-    """`{doc key: (live version, deleted)}`: the swap point, without the chunk-id lists.
-
-    `doc_states` would parse every pending document's chunk ids 50 times a second, which with
-    a backlog of hundreds took the indexer's CPU (and GIL) from under it.
-    """
-    from index.store import QUERY_CHUNK, _in
-
-    out: dict[str, tuple[int, bool]] = {}
-    ordered = sorted(keys)
-    for i in range(0, len(ordered), QUERY_CHUNK):
-        rows = store.client.query(
-            store.docs, filter=_in("doc_key", ordered[i : i + QUERY_CHUNK]),
-            output_fields=["doc_key", "version", "deleted"],
-        )  # fmt: skip
-        out.update({r["doc_key"]: (int(r["version"]), bool(r["deleted"])) for r in rows})
-    return out
-
-
 def _replay_timed(
     s: Any, pub: Any, history: list[Any], rate: float, sample_every: int, to_event: Any,
     doc_key: Any, ChunkStore: Any, Searcher: Any, load_embedder: Any, embedder: Any,
@@ -180,7 +161,9 @@ def _replay_timed(
             with lock:
                 todo = list(waiting.values())
             if todo:
-                states = _versions(store, {p.key for p in todo})
+                # Version and tombstone only: parsing the chunk ids of a backlog of hundreds
+                # 50 times a second took the indexer's CPU (and GIL) from under it.
+                states = store.doc_versions(p.key for p in todo)
                 now = time.monotonic()
                 with lock:
                     for p in todo:
@@ -231,7 +214,7 @@ def _replay_timed(
         if event.op == "upsert":
             upserts += 1
             query = description(event.text or "")
-            busy = any(t.is_alive() for t in search_threads)
+            busy = bool(search_threads) and search_threads[-1].is_alive()  # one at a time
             if query and upserts % sample_every == 0 and not busy:
                 t = threading.Thread(target=confirm, args=(p, query), daemon=True)
                 t.start()
