@@ -1,1 +1,2 @@
-"""Consumers: the Kafka consumer groups (indexer, query answerer) and their loops."""
+"""Consumers: the loops that read topics (indexer, query answerer, standing queries, adapter
+follower) and the clients that read replies (asking, subscriptions, the truth reader)."""

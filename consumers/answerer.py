@@ -1,36 +1,33 @@
 """The query consumer: retrieval, then a streamed answer, as events on the reply topic.
 
-A consumer-group member on the queries topic. Each query gets, keyed by its query_id (so one
-answer stays on one partition, in order): `hits`, then `token` batches (answer mode), then
-`done` with timings, or `error`. A few queries are answered at once by a small pool (search-only
-queries don't wait behind generations); a partition's offset is committed only past queries
-whose final event the broker acknowledged, so a crash re-answers rather than drops a query.
+A consumer-group member on the queries topic, on the runtime's `PoolLoop`. Each query gets,
+keyed by its query_id (so one answer stays on one partition, in order): `hits`, then `token`
+batches (answer mode), then `done` with timings, or `error`. A few queries are answered at once
+(search-only queries don't wait behind generations); a partition's offset is committed only
+past queries whose every event the broker acknowledged, so a crash re-answers rather than drops
+a query. A query that fails (bad input, Milvus away) is answered with an `error` event.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import queue
 import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
-from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Histogram
 
-from consumers.generation import AdapterFollower, Generator, extractive_answer
+from consumers.adapters import AdapterFollower
+from consumers.generation import Generator, extractive_answer
+from headwater.errors import Cancelled, EventError, UnknownTenantError
+from headwater.events import TENANT_RE, AnswerEvent, Hit, QueryEvent, parse_query
+from headwater.runtime.outbox import Outbox
+from headwater.runtime.pool import PoolLoop
 from headwater.settings import Settings
-from headwater.topics import await_topic, poll
-from headwater.topics import consumer as make_consumer
-from headwater.topics import producer as make_producer
-from producers.events import TENANT_RE, AnswerEvent, Citation, EventError, QueryEvent, parse_query
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +58,6 @@ SYSTEM_PROMPT = (
 NO_PASSAGES = "I don't know: no indexed passage matches the question."
 FLUSH_S = 0.1  # a token batch is sent early when text is slow to come
 PASSAGE_MAX_CHARS = 1500
-LOST = "lost"  # the final event could not be published: the query must be answered again
-
-
-class Hit(Protocol):
-    doc_id: str
-    version: int
-    chunk_id: str
-    score: float
-    text: str
-    section: str
 
 
 class Search(Protocol):
@@ -97,25 +84,11 @@ def build_prompt(question: str, hits: Sequence[Hit], max_chars: int = 6000) -> l
     ]
 
 
-def citations(hits: Iterable[Hit]) -> list[Citation]:
-    return [
-        Citation(
-            doc_id=h.doc_id,
-            version=h.version,
-            chunk_id=h.chunk_id,
-            score=float(h.score),
-            text=h.text,
-            section=h.section or "",
-        )
-        for h in hits
-    ]
-
-
 class _Reply:
-    """The events of one answer: numbering, token batching, and the final acknowledgement."""
+    """The events of one answer: numbering and token batching, sent through an outbox."""
 
-    def __init__(self, producer: Any, topic: str, query_id: str, tenant: str, batch: int) -> None:
-        self.producer = producer
+    def __init__(self, out: Outbox, topic: str, query_id: str, tenant: str, batch: int) -> None:
+        self.out = out
         self.topic = topic
         self.query_id = query_id
         self.tenant = tenant
@@ -124,12 +97,12 @@ class _Reply:
         self._pieces: list[str] = []
         self._last_flush = time.monotonic()
 
-    def send(self, kind: str, **fields: Any) -> Any:
+    def send(self, kind: str, **fields: Any) -> None:
         event = AnswerEvent(
             query_id=self.query_id, tenant=self.tenant, kind=kind, seq=self.seq, **fields
         )
         self.seq += 1
-        return self.producer.send(self.topic, key=self.query_id.encode(), value=event.to_bytes())
+        self.out.send(self.topic, event.to_bytes(), key=self.query_id.encode())
 
     def token(self, piece: str) -> None:
         self._pieces.append(piece)
@@ -142,13 +115,13 @@ class _Reply:
             self._pieces = []
         self._last_flush = time.monotonic()
 
-    def finish(self, kind: str, timeout_s: float = 30.0, **fields: Any) -> None:
-        """Send `done`/`error` and wait until the broker has it (and so every earlier event)."""
+    def finish(self, kind: str, **fields: Any) -> None:
+        """Send `done` (after the last text) or `error` (dropping unsent text)."""
         if kind == "done":
             self.flush_tokens()
         else:
             self._pieces = []
-        self.send(kind, **fields).get(timeout=timeout_s)
+        self.send(kind, **fields)
 
 
 class Answerer:
@@ -171,64 +144,71 @@ class Answerer:
             if generator is not None and follow_adapters
             else None
         )
-        self._producer = producer
-        self._owns_producer = producer is None
+        self.producer = producer  # None: the loop's own (tests hand in a fake for `answer`)
         self.answered = 0  # per instance; the prometheus counters are process-wide
         self.errors = 0
         self.ready = threading.Event()  # set once the consumer has its partitions
 
-    @property
-    def producer(self) -> Any:
-        if self._producer is None:
-            self._producer = make_producer(self.settings, client_id="headwater-answerer")
-        return self._producer
-
     # -- one query -----------------------------------------------------------------------------
-    def answer(self, query: QueryEvent, received: float | None = None) -> str:
-        """Publish the whole answer of one query; returns "done", "error" or LOST (unsent)."""
+    def answer(
+        self,
+        query: QueryEvent,
+        out: Outbox | None = None,
+        cancel: threading.Event | None = None,
+        received: float | None = None,
+    ) -> str:
+        """Send the whole answer of one query through `out`; returns "done" or "error".
+
+        The events are acknowledged only once `out` is settled (the loop does that before it
+        commits). Raises `Cancelled` when `cancel` is set mid-answer.
+        """
+        out = out or Outbox(self.producer)
         t0 = received if received is not None else time.monotonic()
         reply = _Reply(
-            self.producer,
-            self._reply_topic(query),
-            query.query_id,
-            query.tenant,
+            out, self._reply_topic(query), query.query_id, query.tenant,
             self.settings.answer_token_batch,
-        )
+        )  # fmt: skip
         stage = "search"
         try:
             if not self.settings.tenant_known(query.tenant):
-                raise EventError(f"unknown tenant {query.tenant!r}")
+                raise UnknownTenantError(f"unknown tenant {query.tenant!r}")
             hits = list(
                 self.searcher.search(query.text, tenant=query.tenant, k=query.k, token=query.token)
             )
             retrieve_s = time.monotonic() - t0
             RETRIEVE.observe(retrieve_s)
-            reply.send("hits", hits=citations(hits))
+            reply.send("hits", hits=hits)
             timing = {"retrieve_ms": round(retrieve_s * 1000, 2)}
             adapter = None
             if query.mode == "answer":
                 stage = "generate"
-                adapter, first = self._stream_answer(query, hits, reply)
+                adapter, first = self._stream_answer(query, hits, reply, cancel)
                 if first is not None:
                     timing["first_token_ms"] = round((first - t0) * 1000, 2)
                     FIRST_TOKEN.observe(first - t0)
             timing["total_ms"] = round((time.monotonic() - t0) * 1000, 2)
-            stage = "publish"
             reply.finish("done", timing=timing, adapter_version=adapter)
+        except Cancelled:
+            raise
         except Exception as exc:
             reason = _one_line(exc)
             log.warning("query %s failed in %s: %s", query.query_id, stage, reason)
             self.errors += 1
             ERRORS.labels(stage).inc()
             ANSWERED.labels(query.mode, "error").inc()
-            return "error" if self._send_error(reply, reason) else LOST
+            reply.finish("error", error=reason)
+            return "error"
         self.answered += 1
         ANSWERED.labels(query.mode, "done").inc()
         LATENCY.labels(query.mode).observe(time.monotonic() - t0)
         return "done"
 
     def _stream_answer(
-        self, query: QueryEvent, hits: list[Hit], reply: _Reply
+        self,
+        query: QueryEvent,
+        hits: list[Hit],
+        reply: _Reply,
+        cancel: threading.Event | None,
     ) -> tuple[str | None, float | None]:
         first: float | None = None
         if not hits:
@@ -243,6 +223,8 @@ class Answerer:
             pieces, adapter = generation, generation.adapter
         try:
             for piece in pieces:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(f"query {query.query_id}")
                 if not piece:
                     continue
                 if first is None:
@@ -251,49 +233,40 @@ class Answerer:
         finally:
             close = getattr(pieces, "close", None)
             if close is not None:
-                close()  # stops the model when publishing failed mid-answer
+                close()  # stops the model when the answer ends early
         return adapter, first
-
-    def _send_error(self, reply: _Reply, reason: str) -> bool:
-        try:
-            reply.finish("error", error=reason)
-            return True
-        except Exception as exc:  # the broker is gone too: the query is redelivered later
-            log.error("could not publish the error of query %s: %s", reply.query_id, exc)
-            return False
 
     def _reply_topic(self, query: QueryEvent) -> str:
         return reply_topic_for(self.settings, query.reply_topic)
 
-    def handle(self, record: ConsumerRecord) -> str:
-        """Answer one raw record; malformed ones get an error event when they can be traced.
-
-        Returns the final kind sent ("done" or "error"), or LOST when it could not be sent.
-        """
-        received = time.monotonic()
-        try:
-            query = parse_query(record.value)
-        except EventError as exc:
-            self.errors += 1
-            ERRORS.labels("parse").inc()
-            ANSWERED.labels("unknown", "error").inc()
-            log.warning(
-                "malformed query at %s/%d@%d: %s",
-                record.topic,
-                record.partition,
-                record.offset,
-                exc,
-            )
-            traced = _trace(record.value, self.settings)
-            if traced is not None:
-                query_id, tenant, topic = traced
-                reply = _Reply(self.producer, topic, query_id, tenant, 1)
-                if not self._send_error(reply, f"malformed query: {exc}"):
-                    return LOST
-            return "error"
-        return self.answer(query, received)
-
     # -- the loop ------------------------------------------------------------------------------
+    def _decode(self, record: ConsumerRecord) -> tuple[QueryEvent, float]:
+        return parse_query(record.value), time.monotonic()
+
+    def _handle(
+        self,
+        item: tuple[QueryEvent, float],
+        record: ConsumerRecord,
+        out: Outbox,
+        cancel: threading.Event,
+    ) -> None:
+        query, received = item
+        self.answer(query, out, cancel, received)
+
+    def _malformed(self, exc: Exception, record: ConsumerRecord, out: Outbox) -> None:
+        """The error policy of the queries topic: answer with an error when it can be traced."""
+        self.errors += 1
+        stage = "parse" if isinstance(exc, EventError) else "handle"
+        ERRORS.labels(stage).inc()
+        ANSWERED.labels("unknown", "error").inc()
+        log.warning("malformed query at %s/%d@%d: %s", record.topic, record.partition,
+                    record.offset, _one_line(exc))  # fmt: skip
+        traced = _trace(record.value, self.settings)
+        if traced is not None:
+            query_id, tenant, topic = traced
+            reply = _Reply(out, topic, query_id, tenant, 1)
+            reply.finish("error", error=f"malformed query: {exc}")
+
     def run(self, stop: threading.Event) -> None:
         """Serve queries until `stop` is set; in-flight answers finish and are committed."""
         s = self.settings
@@ -303,130 +276,20 @@ class Answerer:
                 target=self.follower.run, args=(stop,), name="headwater-adapters", daemon=True
             )
             follower_thread.start()
-        consumer = make_consumer(
-            s,
-            s.queries_topic,
-            group_id=s.query_group,
-            client_id="headwater-answerer",
-            max_poll_records=s.query_workers,
-        )
-        await_topic(consumer, s.queries_topic)
-        offsets = _Offsets()
-        finished: queue.SimpleQueue[tuple[TopicPartition, int, bool]] = queue.SimpleQueue()
-        pool = ThreadPoolExecutor(s.query_workers, thread_name_prefix="headwater-query")
-        limit = 2 * s.query_workers
-        log.info(
-            "answerer consuming %s as %s (%d workers, generator: %s)",
-            s.queries_topic,
-            s.query_group,
-            s.query_workers,
-            "yes" if self.generator else "extractive",
-        )
+        loop: PoolLoop[tuple[QueryEvent, float]] = PoolLoop(
+            s, [s.queries_topic], group=s.query_group, client_id="headwater-answerer",
+            decode=self._decode, handle=self._handle, on_error=self._malformed,
+            workers=s.query_workers, producer=self.producer,
+            on_assigned=lambda _: self.ready.set(),
+        )  # fmt: skip
+        mode = "generated" if self.generator else "extractive"
+        log.info("answerer consuming %s as %s (%d workers, %s answers)", s.queries_topic,
+                 s.query_group, s.query_workers, mode)  # fmt: skip
         try:
-            while not stop.is_set():
-                if offsets.in_flight < limit:
-                    try:
-                        polled = poll(
-                            consumer, timeout_ms=200, max_records=limit - offsets.in_flight
-                        )
-                    except KafkaError as exc:  # the broker is away: keep trying, don't die
-                        log.warning("polling %s failed: %s", s.queries_topic, exc)
-                        stop.wait(1.0)
-                        continue
-                    if consumer.assignment():
-                        self.ready.set()
-                    for tp, records in polled.items():
-                        for record in records:
-                            offsets.start(tp, record.offset)
-                            pool.submit(self._work, record, tp, finished)
-                else:
-                    time.sleep(0.02)  # every worker is busy; answers finish within seconds
-                self._commit(consumer, offsets, finished)
-            pool.shutdown(wait=True)
-            self._commit(consumer, offsets, finished)
+            loop.run(stop)
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-            consumer.close(autocommit=False)
-            if self._owns_producer and self._producer is not None:
-                self._producer.close(timeout=10)
-                self._producer = None
             if follower_thread is not None:
                 follower_thread.join(timeout=5)
-
-    def _work(
-        self,
-        record: ConsumerRecord,
-        tp: TopicPartition,
-        finished: queue.SimpleQueue[tuple[TopicPartition, int, bool]],
-    ) -> None:
-        outcome = LOST
-        try:
-            outcome = self.handle(record)
-        except Exception:  # handle() reports its own errors; this is a bug guard for the loop
-            log.exception("unexpected failure answering %s@%d", tp, record.offset)
-        finally:
-            finished.put((tp, record.offset, outcome != LOST))
-
-    def _commit(
-        self,
-        consumer: Any,
-        offsets: _Offsets,
-        finished: queue.SimpleQueue[tuple[TopicPartition, int, bool]],
-    ) -> None:
-        changed = False
-        while True:
-            try:
-                tp, offset, answered = finished.get_nowait()
-            except queue.Empty:
-                break
-            offsets.finish(tp, offset, answered)
-            changed = True
-        if not changed:
-            return
-        commit = offsets.committable()
-        if not commit:
-            return
-        try:
-            consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in commit.items()})
-            offsets.committed(commit)
-        except KafkaError as exc:
-            # Lost the partition in a rebalance: its next owner answers those queries again.
-            log.warning("query offsets not committed (%s); they will be redelivered", exc)
-
-
-class _Offsets:
-    """Per partition: queries in flight and the offset below which all are answered."""
-
-    def __init__(self) -> None:
-        self._open: dict[TopicPartition, set[int]] = {}
-        self._high: dict[TopicPartition, int] = {}  # next offset after the highest finished
-        self._done: dict[TopicPartition, int] = {}  # last committed
-        self._lost: dict[TopicPartition, int] = {}  # lowest unanswered: never commit past it
-        self.in_flight = 0
-
-    def start(self, tp: TopicPartition, offset: int) -> None:
-        self._open.setdefault(tp, set()).add(offset)
-        self.in_flight += 1
-
-    def finish(self, tp: TopicPartition, offset: int, answered: bool = True) -> None:
-        self._open.get(tp, set()).discard(offset)
-        self.in_flight -= 1
-        self._high[tp] = max(self._high.get(tp, 0), offset + 1)
-        if not answered:
-            self._lost[tp] = min(offset, self._lost.get(tp, offset))
-
-    def committable(self) -> dict[TopicPartition, int]:
-        out = {}
-        for tp, high in self._high.items():
-            still = self._open.get(tp)
-            upto = min(still) if still else high
-            upto = min(upto, self._lost.get(tp, upto))
-            if upto > self._done.get(tp, -1):
-                out[tp] = upto
-        return out
-
-    def committed(self, offsets: dict[TopicPartition, int]) -> None:
-        self._done.update(offsets)
 
 
 def reply_topic_for(settings: Settings, requested: str | None) -> str:

@@ -17,21 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from headwater.errors import GenerationError
 from headwater.settings import Settings
-from producers.events import AdapterAnnouncement
 
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
 
 _CURRENT = object()  # "the adapter that is current when the generation starts"
-
-
-class GenerationError(RuntimeError):
-    """A generation could not run (adapter missing, model failure); one line for the user."""
 
 
 class _Cancel(StoppingCriteria):
@@ -251,7 +246,7 @@ def load_generator(settings: Settings) -> Generator | None:
     """The configured generator, or None when `settings.generator` is "" (extractive answers)."""
     if not settings.generator:
         return None
-    from trainer.basemodel import load_generator as load_model
+    from models.base import load_generator as load_model
 
     model, tokenizer = load_model(settings)
     return Generator(model, tokenizer, max_new_tokens=settings.max_new_tokens)
@@ -277,90 +272,3 @@ def extractive_answer(passages: Sequence[str], *, max_passages: int = 3) -> Iter
         for j, word in enumerate(words):
             yield (prefix if j == 0 else " ") + word
         yield f" [{i}]"
-
-
-# -- following the adapters topic ------------------------------------------------------------
-
-
-def parse_announcement(raw: bytes | None) -> AdapterAnnouncement:
-    """Decode an announcement; ValueError (one line) when it is not one."""
-    if raw is None:
-        raise ValueError("empty announcement")
-    try:
-        return AdapterAnnouncement.model_validate_json(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
-
-
-def adapter_location(settings: Settings, announcement: AdapterAnnouncement) -> Path:
-    """Where an announced adapter lives: its uri when that is a local folder, else the registry."""
-    uri = (announcement.uri or "").removeprefix("file://")
-    if uri and "://" not in uri and (Path(uri) / "adapter_config.json").is_file():
-        return Path(uri)
-    from trainer.registry import adapter_path
-
-    return Path(adapter_path(settings, announcement.version))
-
-
-class AdapterFollower:
-    """Follows the compacted adapters topic and hot-swaps the generator to the latest version.
-
-    Reads from the beginning without a group, so every process applies the latest announcement
-    on start and each one after it. A version that fails to load is logged and skipped: the
-    previous adapter keeps serving.
-    """
-
-    def __init__(self, settings: Settings, generator: Generator) -> None:
-        self.settings = settings
-        self.generator = generator
-        self.applied: AdapterAnnouncement | None = None
-        self.ready = threading.Event()  # set once the topic's backlog was applied
-
-    def run(self, stop: threading.Event) -> None:
-        from kafka import TopicPartition
-
-        from headwater.topics import consumer
-
-        c = consumer(self.settings, group_id=None, client_id="headwater-adapters")
-        try:
-            parts = c.partitions_for_topic(self.settings.adapters_topic) or {0}
-            tps = [TopicPartition(self.settings.adapters_topic, p) for p in sorted(parts)]
-            c.assign(tps)
-            c.seek_to_beginning(*tps)
-            end = c.end_offsets(tps)
-            latest: AdapterAnnouncement | None = None
-            while not stop.is_set():
-                for records in c.poll(timeout_ms=500).values():
-                    for record in records:
-                        if record.key != b"current":
-                            continue
-                        try:
-                            latest = parse_announcement(record.value)
-                        except ValueError as exc:
-                            log.warning("ignoring a bad adapter announcement: %s", exc)
-                caught_up = all(c.position(tp) >= end[tp] for tp in tps)
-                # During catch-up only the last announcement matters: load just that one.
-                if latest is not None and caught_up:
-                    self.apply(latest)
-                    latest = None
-                if caught_up:
-                    self.ready.set()
-        finally:
-            c.close()
-
-    def apply(self, announcement: AdapterAnnouncement) -> None:
-        version = announcement.version
-        try:
-            if version is not None:
-                path = adapter_location(self.settings, announcement)
-                self.generator.load_adapter(version, path)
-            self.generator.set_current(version)
-            self.applied = announcement
-        except Exception as exc:
-            log.error(
-                "keeping adapter %s: cannot switch to %s: %s",
-                self.generator.current or "<base>",
-                version,
-                exc,
-            )

@@ -16,25 +16,24 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from kafka import TopicPartition
-from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
+from kafka.consumer.fetcher import ConsumerRecord
 from prometheus_client import Counter
 from pydantic import ValidationError
 
+from consumers.subscriptions import apply_subscription_record
+from headwater.errors import EventError
+from headwater.events import ChangeEvent, Hit, Notification, Subscription
+from headwater.runtime.batches import BatchLoop
+from headwater.runtime.deadletter import skip
+from headwater.runtime.outbox import Outbox
+from headwater.runtime.reader import Tail
 from headwater.settings import Settings
-from headwater.topics import await_topic, poll
-from headwater.topics import consumer as make_consumer
-from headwater.topics import producer as make_producer
 from index.embedder import Embedder
-from index.store import ChunkStore
-from producers.events import ChangeEvent, Citation
-from producers.queries import Notification, Subscription, apply_subscription_record
+from index.store import ChunkStore, doc_key, safe_id
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ SEED_LIMIT = 1000  # chunks already indexed that a new subscription starts out m
 class _Standing:
     sub: Subscription
     vector: np.ndarray
-    matched: dict[str, Citation] = field(default_factory=dict)  # chunk_id -> its citation
+    matched: dict[str, Hit] = field(default_factory=dict)  # chunk_id -> its hit
 
 
 class StandingMatcher:
@@ -65,11 +64,9 @@ class StandingMatcher:
         self.embedder = embedder
         self.store = store
         self.standing: dict[str, _Standing] = {}
-        self._producer = producer
-        self._owns_producer = producer is None
-        self._changes: Any = None
-        self._subs: Any = None
-        self._sub_tps: list[TopicPartition] = []
+        self._producer = producer  # None: the loop's own
+        self._subs: Tail | None = None
+        self.loop: BatchLoop[ChangeEvent] | None = None
         self.notified = 0
         self.handled = 0  # change events matched and notified (per instance)
         self.ready = threading.Event()  # set once subscriptions were read and changes assigned
@@ -93,25 +90,18 @@ class StandingMatcher:
     def remove(self, subscription_id: str) -> None:
         self.standing.pop(subscription_id, None)
 
-    def _seed(self, standing: _Standing) -> dict[str, Citation]:
+    def _seed(self, standing: _Standing) -> dict[str, Hit]:
         sub = standing.sub
         # An empty text makes the store search dense-only, so scores are cosine similarities.
         raw = self.store.search(standing.vector, "", tenant=sub.tenant, limit=SEED_LIMIT)
         raw = [h for h in raw if h.score >= sub.threshold]
-        states = self.store.doc_states({h.doc_key for h in raw})
+        states = self.store.doc_states({doc_key(sub.tenant, h.doc_id) for h in raw})
         matched = {}
         for h in raw:
-            state = states.get(h.doc_key)
+            state = states.get(doc_key(sub.tenant, h.doc_id))
             if state is None or state.deleted or h.chunk_id not in state.chunk_ids:
                 continue
-            matched[h.chunk_id] = Citation(
-                doc_id=h.doc_id,
-                version=state.version,
-                chunk_id=h.chunk_id,
-                score=h.score,
-                text=h.text,
-                section=h.section,
-            )
+            matched[h.chunk_id] = h.model_copy(update={"version": state.version})
         return matched
 
     def match(self, change: ChangeEvent) -> list[Notification]:
@@ -120,12 +110,12 @@ class StandingMatcher:
         subs = [s for s in self.standing.values() if s.sub.tenant == change.tenant]
         if not subs:
             return []
-        removed: dict[str, list[Citation]] = {}
+        removed: dict[str, list[Hit]] = {}
         for s in subs:
             gone = [s.matched.pop(c) for c in change.removed_chunk_ids if c in s.matched]
             if gone:
                 removed[s.sub.subscription_id] = gone
-        added: dict[str, list[Citation]] = {}
+        added: dict[str, list[Hit]] = {}
         rows = (
             self.store.chunk_rows(change.added_chunk_ids, vectors=True)
             if (change.added_chunk_ids)
@@ -141,7 +131,7 @@ class StandingMatcher:
                 for i, r in enumerate(rows):
                     if scores[i, j] < s.sub.threshold:
                         continue
-                    cite = Citation(
+                    cite = Hit(
                         doc_id=change.doc_id,
                         version=change.version,
                         chunk_id=r["chunk_id"],
@@ -171,32 +161,18 @@ class StandingMatcher:
     # -- Kafka -----------------------------------------------------------------------------
     def _open(self) -> None:
         s = self.settings
-        self._producer = self._producer or make_producer(s, client_id="headwater-standing")
-        self._subs = make_consumer(s, group_id=None, client_id="headwater-standing-subs")
-        parts = self._subs.partitions_for_topic(s.subscriptions_topic) or {0}
-        self._sub_tps = [TopicPartition(s.subscriptions_topic, p) for p in sorted(parts)]
-        self._subs.assign(self._sub_tps)
-        self._subs.seek_to_beginning(*self._sub_tps)
-        self._changes = make_consumer(
-            s,
-            s.changes_topic,
-            group_id=s.standing_group,
-            client_id="headwater-standing",
-            max_poll_records=200,
-        )
-        await_topic(self._changes, s.changes_topic)
+        self._subs = Tail(s, s.subscriptions_topic, start="beginning",
+                          client_id="headwater-standing-subs")  # fmt: skip
+        self.loop = BatchLoop(
+            s, [s.changes_topic], group=s.standing_group, client_id="headwater-standing",
+            decode=decode_change, write=self._write, on_error=skip, producer=self._producer,
+            max_records=200, max_wait_ms=100,
+        )  # fmt: skip
 
     def catch_up(self, timeout_s: float = 15.0) -> None:
         """Apply every subscription registered (or cancelled) so far."""
-        end = self._subs.end_offsets(self._sub_tps)
-        deadline = time.monotonic() + timeout_s
-        while any(self._subs.position(tp) < end[tp] for tp in self._sub_tps):
-            if time.monotonic() > deadline:
-                log.warning("subscriptions topic not read to its end within %.0f s", timeout_s)
-                return
-            for records in self._subs.poll(timeout_ms=200).values():
-                for record in records:
-                    self._apply_subscription(record.key, record.value)
+        for record in self._subs.read_to_end(timeout_s):
+            self._apply_subscription(record.key, record.value)
 
     def _apply_subscription(self, key: bytes | None, value: bytes | None) -> None:
         current: dict[str, Subscription] = {k: v.sub for k, v in self.standing.items()}
@@ -213,99 +189,62 @@ class StandingMatcher:
                     self.add(sub, seed=False)
 
     def run_once(self, timeout_ms: int = 500) -> int:
-        """Handle one poll of change events; returns how many were handled."""
-        if self._changes is None:
+        """Handle one batch of change events; returns how many were handled."""
+        if self.loop is None:
             self._open()
-        polled = poll(self._changes, timeout_ms=timeout_ms)
-        if self._changes.assignment():
-            if not self.ready.is_set():
-                self.catch_up()
+        assert self.loop is not None
+        n = self.loop.run_once()
+        self.handled += n
+        if not self.ready.is_set() and self.loop.member.assignment():
+            self.catch_up()
             self.ready.set()
-        if not polled:
-            return 0
+        return n
+
+    def _write(self, items: list[tuple[ConsumerRecord, ChangeEvent]], out: Outbox) -> list:
+        # A subscription registered before a document was published is known by its change.
         self.catch_up()
         # Matched sets change as the batch is matched; a batch that fails is matched again
         # from the same sets, or removals in it would go unnoticed on the retry.
         before = {sid: dict(s.matched) for sid, s in self.standing.items()}
         try:
-            n, offsets = self._match_batch(polled)
-            self._producer.flush(timeout=60)
+            for record, change in items:
+                for note in self.match(change):
+                    out.send(self.settings.notifications_topic, note.to_bytes(),
+                             key=note.subscription_id.encode(), origin=record)  # fmt: skip
+                    self.notified += 1
+                    NOTIFIED.inc()
         except BaseException:
             for sid, matched in before.items():
                 if sid in self.standing:
                     self.standing[sid].matched = matched
             raise
-        self.handled += n
-        try:
-            self._changes.commit(offsets)
-        except KafkaError as exc:
-            log.warning("change offsets not committed (%s); they will be redelivered", exc)
-        return n
-
-    def _match_batch(self, polled: dict[TopicPartition, list[Any]]) -> tuple[int, dict]:
-        n = 0
-        offsets = {}
-        for tp, records in polled.items():
-            for record in records:
-                n += 1
-                offsets[tp] = OffsetAndMetadata(record.offset + 1, "", -1)
-                try:
-                    change = ChangeEvent.model_validate_json(record.value or b"")
-                except ValidationError as exc:
-                    log.warning(
-                        "skipping a malformed change event at %s@%d: %s",
-                        tp,
-                        record.offset,
-                        exc.errors()[0]["msg"],
-                    )
-                    continue
-                for note in self.match(change):
-                    self._producer.send(
-                        self.settings.notifications_topic,
-                        key=note.subscription_id.encode(),
-                        value=note.to_bytes(),
-                    )
-                    self.notified += 1
-                    NOTIFIED.inc()
-        return n, offsets
+        return []
 
     def run(self, stop: threading.Event) -> None:
-        """Match until `stop` is set; every handled batch is notified before it is committed."""
-        log.info(
-            "standing-query matcher on %s as %s",
-            self.settings.changes_topic,
-            self.settings.standing_group,
-        )
-        backoff = 0.5
+        """Match until `stop` is set; every batch is notified before it is committed."""
+        log.info("standing-query matcher on %s as %s", self.settings.changes_topic,
+                 self.settings.standing_group)  # fmt: skip
         try:
             while not stop.is_set():
-                try:
-                    self.run_once()
-                    backoff = 0.5
-                except Exception as exc:  # Milvus or broker trouble: retry the batch later
-                    log.warning("matcher batch failed, retrying in %.1f s: %s", backoff, exc)
-                    self._rewind()
-                    stop.wait(backoff)
-                    backoff = min(5.0, backoff * 2)
+                self.run_once()
         finally:
             self.close()
 
-    def _rewind(self) -> None:
-        """Go back to the last committed offsets so a failed batch is matched again."""
-        if self._changes is None:
-            return
-        for tp in self._changes.assignment():
-            committed = self._changes.committed(tp)
-            if committed is not None:
-                self._changes.seek(tp, committed)
-            else:
-                self._changes.seek_to_beginning(tp)
-
     def close(self) -> None:
-        for c in (self._changes, self._subs):
-            if c is not None:
-                c.close(autocommit=False)
-        self._changes = self._subs = None
-        if self._owns_producer and self._producer is not None:
-            self._producer.close(timeout=10)
-            self._producer = None
+        if self._subs is not None:
+            self._subs.close()
+        if self.loop is not None:
+            self.loop.close()
+        self.loop = None
+
+
+def decode_change(record: ConsumerRecord) -> ChangeEvent:
+    """A change event whose chunk ids are safe to look up (EventError otherwise)."""
+    try:
+        change = ChangeEvent.model_validate_json(record.value or b"")
+    except ValidationError as exc:
+        raise EventError(f"not a change event: {exc.errors()[0]['msg']}") from exc
+    for chunk_id in (*change.added_chunk_ids, *change.removed_chunk_ids):
+        if not safe_id(chunk_id):
+            raise EventError(f"unsafe chunk id {chunk_id[:80]!r}")
+    return change

@@ -15,6 +15,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from headwater.errors import ChunkerError
+
 TokenCounter = Callable[[str], int]
 
 _HEADING = re.compile(r" {0,3}(#{1,6})(?:[ \t]+(.*?))?[ \t]*")
@@ -31,10 +33,6 @@ _KEY_CHARS = 32
 # the larger fraction (a ~1 KB tldr page stays in 2-3 chunks instead of 4 small ones).
 _MIN_PIECE = 0.3
 _MIN_PIECE_SOFT = 0.5
-
-
-class ChunkerError(ValueError):
-    """Chunking parameters that cannot work (e.g. max_tokens below target_tokens)."""
 
 
 @dataclass(frozen=True)

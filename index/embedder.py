@@ -12,11 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from headwater.errors import EmbedderError
 from headwater.settings import DEFAULT_EMBEDDER, Settings
-
-
-class EmbedderError(RuntimeError):
-    """The embedding model could not be loaded or failed to embed."""
 
 
 def model_path(name: str) -> str:

@@ -4,38 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
+from headwater.errors import FreshnessTimeout, SearchError, UnknownTenantError
+from headwater.events import Hit
 from headwater.settings import Settings
 from index.embedder import Embedder
-from index.store import ChunkStore, RawHit
+from index.store import ChunkStore, doc_key
 
 MAX_K = 100
 ROUNDS = 3  # over-fetch rounds when many hits belong to superseded versions
-
-
-class SearchError(ValueError):
-    """A search that cannot be run as asked (bad argument, unknown tenant, stale token)."""
-
-
-@dataclass(frozen=True)
-class Hit:
-    doc_id: str
-    version: int
-    chunk_id: str
-    score: float
-    text: str
-    section: str = ""
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class FreshnessTimeout(SearchError):
-    """The indexer has not applied the freshness token within the bounded wait."""
-
 
 TokenWaiter = Callable[[str, float], bool]
 
@@ -61,7 +38,7 @@ class Searcher:
         if not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise SearchError(f"k must be an integer from 1 to {MAX_K}")
         if not self.settings.tenant_known(tenant):
-            raise SearchError(f"unknown tenant {tenant!r}")
+            raise UnknownTenantError(f"unknown tenant {tenant!r}")
         if token:
             self.wait(token)
         vector = self.embedder.encode([query])[0]
@@ -69,7 +46,7 @@ class Searcher:
         hits: list[Hit] = []
         for _ in range(ROUNDS):
             raw = self.store.search(vector, query, tenant=tenant, limit=limit)
-            hits = self._live(raw)
+            hits = self.live(raw, tenant)
             if len(hits) >= k or len(raw) < limit:
                 break
             limit *= 4  # many hits were superseded chunks awaiting cleanup: look deeper
@@ -78,7 +55,7 @@ class Searcher:
     def wait(self, token: str) -> None:
         """Block (bounded) until the indexer has applied `token`; SearchError if it has not."""
         if self._wait is None:
-            from consumers.progress import Progress
+            from headwater.progress import Progress
 
             # One admin connection per searcher: connecting per query would dominate the wait.
             progress = Progress(self.settings)
@@ -95,17 +72,19 @@ class Searcher:
                 f"the index has not applied token {token} within {time.monotonic() - t0:.1f}s"
             )
 
-    def _live(self, raw: list[RawHit]) -> list[Hit]:
-        states = self.store.doc_states({h.doc_key for h in raw})
+    def live(self, candidates: list[Hit], tenant: str) -> list[Hit]:
+        """The candidates that are live chunks, at their document's live version and metadata."""
+        keys = {h.doc_id: doc_key(tenant, h.doc_id) for h in candidates}
+        states = self.store.doc_states(set(keys.values()))
         live_sets = {k: set(s.chunk_ids) for k, s in states.items() if not s.deleted}
         hits = []
-        for h in raw:
-            live = live_sets.get(h.doc_key)
-            if live is None or h.chunk_id not in live:
+        for h in candidates:
+            key = keys[h.doc_id]
+            if h.chunk_id not in live_sets.get(key, ()):
                 continue  # superseded version, deleted document, or not yet swapped in
-            state = states[h.doc_key]
+            state = states[key]
             hits.append(
-                Hit(h.doc_id, state.version, h.chunk_id, abs(h.score), h.text, h.section,
-                    state.metadata)
+                h.model_copy(update={"version": state.version, "score": abs(h.score),
+                                     "metadata": state.metadata})
             )  # fmt: skip
         return hits

@@ -30,19 +30,18 @@ from pymilvus import (
     RRFRanker,
 )
 
+from headwater.errors import StoreError
+from headwater.events import Hit
 from headwater.settings import Settings
+from index.embedder import model_slug
 
 log = logging.getLogger(__name__)
 
-_SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_SAFE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 TEXT_MAX = 65_535
 SECTION_MAX = 2_000
 QUERY_CHUNK = 500  # ids per `in [...]` expression, to keep expressions small
 COLLECTION_NOT_LOADED = 101  # Milvus error code: "call load() before search/get/query"
-
-
-class StoreError(RuntimeError):
-    """Milvus refused or could not be reached; the write can be retried."""
 
 
 def doc_key(tenant: str, doc_id: str) -> str:
@@ -50,9 +49,14 @@ def doc_key(tenant: str, doc_id: str) -> str:
     return hashlib.sha1(f"{tenant}\x00{doc_id}".encode()).hexdigest()
 
 
+def safe_id(value: object) -> bool:
+    """Whether `value` is an id of the safe charset (hex digests, tenants, chunk ids)."""
+    return isinstance(value, str) and _SAFE.fullmatch(value) is not None
+
+
 def lit(value: str) -> str:
     """A filter-expression string literal, only for ids of the safe charset (defence in depth)."""
-    if not _SAFE.match(value):
+    if not safe_id(value):
         raise ValueError(f"refusing to put {value!r} into a filter expression")
     return f'"{value}"'
 
@@ -96,16 +100,6 @@ class ChunkRow:
     vector: Sequence[float]
 
 
-@dataclass(frozen=True)
-class RawHit:
-    chunk_id: str
-    doc_key: str
-    doc_id: str
-    section: str
-    text: str
-    score: float
-
-
 class ChunkStore:
     """Chunk and document-state collections for one embedding model (name carries id and dim)."""
 
@@ -121,6 +115,27 @@ class ChunkStore:
         self.hybrid = True
         self._lock = threading.Lock()
         self._ensure()
+
+    @classmethod
+    def existing(cls, settings: Settings, *, timeout_s: float = 10.0) -> ChunkStore | None:
+        """The collections an indexer made for `settings.embedder`, without loading the model.
+
+        None when there are none yet; StoreError when Milvus cannot be reached.
+        """
+        prefix = f"{settings.collection_prefix}_chunks_{model_slug(settings.embedder)}_"
+        try:
+            # A dedicated connection: closing this store must not close a shared channel.
+            client = MilvusClient(**settings.milvus_client_config(), timeout=timeout_s,
+                                  dedicated=True)  # fmt: skip
+            names = client.list_collections()
+        except Exception as exc:
+            raise StoreError(f"Milvus unreachable: {exc}") from exc
+        dims = [n.removeprefix(prefix) for n in names if n.startswith(prefix)]
+        dims = [int(d) for d in dims if d.isdigit()]
+        if not dims:
+            client.close()
+            return None
+        return cls(settings, model_slug(settings.embedder), max(dims), client)
 
     # -- schema --------------------------------------------------------------------------------
     def _ensure(self) -> None:
@@ -256,6 +271,11 @@ class ChunkStore:
             fields.append("dense")
         return self._query_in(self.chunks, "chunk_id", chunk_ids, fields)
 
+    def texts(self, chunk_ids: Iterable[str]) -> dict[str, str]:
+        """`{chunk id: text}` of the chunks the index holds among `chunk_ids`."""
+        rows = self._query_in(self.chunks, "chunk_id", chunk_ids, ["chunk_id", "text"])
+        return {r["chunk_id"]: r["text"] for r in rows}
+
     def vectors(self, chunk_ids: Iterable[str]) -> dict[str, list[float]]:
         return {r["chunk_id"]: list(r["dense"]) for r in self.chunk_rows(chunk_ids, vectors=True)}
 
@@ -291,12 +311,14 @@ class ChunkStore:
         finally:
             it.close()
 
-    def search(
-        self, vector: Sequence[float], text: str, *, tenant: str, limit: int
-    ) -> list[RawHit]:
-        """Hybrid dense + BM25 (reciprocal rank fusion) within one tenant; dense-only if no BM25."""
+    def search(self, vector: Sequence[float], text: str, *, tenant: str, limit: int) -> list[Hit]:
+        """Hybrid dense + BM25 (reciprocal rank fusion) within one tenant; dense-only if no BM25.
+
+        Candidates only: a hit's version is its row's (when the chunk was first written), and
+        superseded chunks awaiting cleanup are among them; `Searcher` keeps the live ones.
+        """
         expr = f"tenant == {lit(tenant)}"
-        fields = ["doc_key", "doc_id", "section", "text"]
+        fields = ["doc_id", "version", "section", "text"]
         if self.hybrid and text.strip():
             dense = AnnSearchRequest(
                 data=[list(vector)], anns_field="dense", param={"metric_type": "COSINE"},
@@ -320,8 +342,8 @@ class ChunkStore:
         for h in res[0] if res else []:
             e = h["entity"]
             hits.append(
-                RawHit(h["chunk_id"], e["doc_key"], e["doc_id"], e["section"], e["text"],
-                       float(h["distance"]))
+                Hit(doc_id=e["doc_id"], version=int(e["version"]), chunk_id=h["chunk_id"],
+                    score=float(h["distance"]), text=e["text"], section=e["section"] or "")
             )  # fmt: skip
         return hits
 

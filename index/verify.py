@@ -1,27 +1,22 @@
 """The truth checker: compare what Milvus holds with what the events say it should hold.
 
-The expected index is the latest version of every document, chunked by the same chunker; the
+The expected index is the latest version of every document (the events come from the caller:
+`consumers.truth` reads them from the documents topic), chunked by the same chunker; the
 comparison counts missing chunks, stale chunks (superseded text or wrong version), duplicates,
 chunks of deleted documents, and leaked rows (a row whose tenant does not own its document).
 """
 
 from __future__ import annotations
 
-import contextlib
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
-from kafka import TopicPartition
-
-from headwater.settings import Settings
-from headwater.topics import consumer as make_consumer
+from headwater.events import DocumentEvent
 from index.chunker import Chunk
 from index.search import Searcher
 from index.store import ChunkStore, doc_key
-from index.writer import check_event
-from producers.events import DocumentEvent, EventError, Limits, parse_document
 
 
 @dataclass(frozen=True)
@@ -84,38 +79,6 @@ def expected_index(
         ids = tuple(c.chunk_id for c in chunk(e)) if e.op == "upsert" else ()
         out[key] = ExpectedDoc(e.tenant, e.doc_id, e.version, e.op == "delete", ids)
     return out
-
-
-def read_documents_topic(settings: Settings, timeout_s: float = 30.0) -> list[DocumentEvent]:
-    """Every valid event on the (compacted) documents topic, from the beginning to its end now."""
-    c = make_consumer(settings, group_id=None, client_id="headwater-verify")
-    try:
-        parts = c.partitions_for_topic(settings.documents_topic) or set()
-        tps = [TopicPartition(settings.documents_topic, p) for p in parts]
-        c.assign(tps)
-        c.seek_to_beginning(*tps)
-        end = c.end_offsets(tps)
-        limits = Limits.from_settings(settings)
-        events: list[DocumentEvent] = []
-        remaining = {tp for tp in tps if end[tp] > c.position(tp)}
-        while remaining:
-            polled = c.poll(timeout_ms=int(timeout_s * 1000), max_records=2000)
-            if not polled:
-                raise TimeoutError("the documents topic stopped delivering before its end")
-            for tp, records in polled.items():
-                for r in records:
-                    if r.offset >= end[tp]:
-                        continue
-                    # Invalid events were dead-lettered by the indexer; not part of the truth.
-                    with contextlib.suppress(EventError):
-                        event = parse_document(r.value, limits)
-                        check_event(event, r.key, settings)
-                        events.append(event)
-                if c.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-        return events
-    finally:
-        c.close()
 
 
 def verify(store: ChunkStore, expected: dict[str, ExpectedDoc]) -> Report:

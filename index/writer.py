@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from prometheus_client import Counter, Histogram
 
+from headwater.events import ChangeEvent, DocumentEvent
 from headwater.settings import Settings
 from index.chunker import Chunk, chunk_document
 from index.embedder import Embedder
 from index.store import ChunkRow, ChunkStore, DocState, doc_key
-from producers.events import ChangeEvent, DocumentEvent, EventError
 
 log = logging.getLogger(__name__)
 
@@ -31,29 +31,13 @@ EMBED_SECONDS = Histogram("headwater_embed_seconds", "Time to embed one batch of
 EMBED_RETRIES = 2
 DELETE_IDS_PER_EXPR = 2000
 WORD = re.compile(r"[A-Za-z][A-Za-z0-9_'-]{2,30}")
-INT64_MAX = 2**63 - 1  # Milvus stores versions as INT64
-
-
-def check_event(event: DocumentEvent, key: bytes | None, settings: Settings) -> None:
-    """Intake rules beyond the event schema; raises EventError (the dead-letter reason).
-
-    The indexer and the truth checker both apply them, so a dead-lettered event is never
-    expected in the index.
-    """
-    if not settings.tenant_known(event.tenant):
-        raise EventError(f"unknown tenant {event.tenant!r}")
-    if key is not None and key != event.key:
-        raise EventError("Kafka key does not match tenant/doc_id of the event")
-    if event.version > INT64_MAX:
-        # Milvus would refuse the write on every retry and block the partition for good.
-        raise EventError(f"version {event.version} is larger than {INT64_MAX} (int64)")
 
 
 @dataclass
 class Applied:
     """Outcome of one batch: what changed and what was refused."""
 
-    changes: list[ChangeEvent] = field(default_factory=list)
+    changes: list[tuple[DocumentEvent, ChangeEvent]] = field(default_factory=list)  # by cause
     applied: list[DocumentEvent] = field(default_factory=list)
     failed: list[tuple[DocumentEvent, str]] = field(default_factory=list)
     embedded: int = 0
@@ -126,7 +110,7 @@ class IndexWriter:
             out.applied.append(p.event)
             change = self._change(p)
             if change is not None:
-                out.changes.append(change)
+                out.changes.append((p.event, change))
                 out.removed += len(change.removed_chunk_ids)
         CHUNKS.labels("embedded").inc(out.embedded)
         CHUNKS.labels("reused").inc(out.reused)

@@ -1,1 +1,1 @@
-"""Producers: the event schemas and everything that puts events on Kafka."""
+"""Producers: what puts document events on Kafka (publisher, corpus replay, folder watch)."""

@@ -20,9 +20,10 @@ from typing import IO
 from pydantic import ValidationError
 
 import headwater
-from producers.events import DocumentEvent
+from headwater.errors import CorpusError
+from headwater.events import DocumentEvent
+from headwater.tokens import FreshnessToken
 from producers.publisher import DocumentPublisher
-from producers.token import FreshnessToken
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = Path(headwater.__file__).resolve().parent / "sample"  # package data
@@ -30,10 +31,6 @@ BATCH_SIZE = 500
 # At most this much missed schedule is made up in a burst after a stall; beyond it the rate
 # restarts, so a paused replay does not flood the indexer when it resumes.
 MAX_CATCH_UP_S = 1.0
-
-
-class CorpusError(ValueError):
-    """A corpus that cannot be read; the message names the file and line."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,44 +20,30 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 from pydantic import ValidationError
 
-from headwater import topics
-from headwater.settings import Settings
-from producers.events import (
-    DocumentEvent,
+from headwater.errors import (
+    DeliveryError,
+    DocumentTooLargeError,
     EventError,
+    InvalidDocumentError,
+    UnknownTenantError,
+)
+from headwater.events import (
+    DocumentEvent,
     Limits,
     Scalar,
     check_doc_id,
     now_version,
     parse_document,
 )
-from producers.token import FreshnessToken
+from headwater.runtime import clients
+from headwater.settings import Settings
+from headwater.tokens import FreshnessToken
 
 log = logging.getLogger(__name__)
 
 # How long connecting and fetching topic metadata may block, so a missing broker or topic
 # fails a command promptly instead of after kafka-python's 30-60 s defaults.
 CONNECT_TIMEOUT_MS = 10_000
-
-
-class PublishError(ValueError):
-    """A document event that was not published; the message is one line for the user."""
-
-
-class UnknownTenantError(PublishError):
-    """The tenant is not in `settings.tenants`."""
-
-
-class InvalidDocumentError(PublishError):
-    """The event breaks the schema: doc_id, metadata, op/text shape, version."""
-
-
-class DocumentTooLargeError(InvalidDocumentError):
-    """The text is larger than `settings.max_text_bytes`."""
-
-
-class DeliveryError(PublishError):
-    """The broker was unreachable or did not acknowledge in time (the event may be lost)."""
 
 
 ProgressFn = Callable[[int], None]
@@ -277,7 +263,7 @@ class DocumentPublisher:
                 raise DeliveryError("publisher is closed")
             if self._producer is None:
                 try:
-                    self._producer = topics.producer(
+                    self._producer = clients.producer(
                         self.settings,
                         bootstrap_timeout_ms=CONNECT_TIMEOUT_MS,
                         max_block_ms=CONNECT_TIMEOUT_MS,
@@ -289,6 +275,15 @@ class DocumentPublisher:
                     ) from exc
             return self._producer
 
+    def _replace_if_broken(self) -> None:
+        with self._lock:
+            producer = self._producer
+            if producer is None or not self._owns_producer or not clients.broken(producer):
+                return
+            self._producer = None  # the next publish builds a new one
+        log.warning("the producer went fatal after a refused record; replacing it")
+        producer.close(timeout=0)
+
     def _await(self, futures: list[Any], on_progress: ProgressFn | None) -> FreshnessToken:
         offsets: dict[int, int] = {}
         deadline = time.monotonic() + self.timeout_s
@@ -297,6 +292,7 @@ class DocumentPublisher:
             try:
                 meta = future.get(timeout=max(0.0, deadline - time.monotonic()))
             except KafkaError as exc:
+                self._replace_if_broken()
                 raise DeliveryError(
                     f"not acknowledged by {self.settings.bootstrap} within {self.timeout_s:g} s: "
                     f"{_kafka_reason(exc)}"
@@ -334,11 +330,4 @@ def _shorten(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-__all__ = [
-    "DeliveryError",
-    "DocumentPublisher",
-    "DocumentTooLargeError",
-    "InvalidDocumentError",
-    "PublishError",
-    "UnknownTenantError",
-]
+__all__ = ["DocumentPublisher"]

@@ -29,9 +29,10 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from producers.events import DocumentEvent
-from producers.publisher import DeliveryError, DocumentPublisher, PublishError
-from producers.token import FreshnessToken
+from headwater.errors import DeliveryError, InvalidInput
+from headwater.events import DocumentEvent
+from headwater.tokens import FreshnessToken
+from producers.publisher import DocumentPublisher
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ class FolderWatcher:
     def _build(self, op: str, doc_id: str, text: str | None) -> DocumentEvent | None:
         try:
             return self.publisher.build(op, doc_id, text=text, tenant=self.tenant, source="watch")
-        except PublishError as exc:
+        except InvalidInput as exc:
             return self._skip(doc_id, str(exc))
 
     def _publish(self, event: DocumentEvent) -> None:

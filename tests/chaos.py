@@ -23,24 +23,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 from pydantic import SecretStr
 
 from consumers.indexer import Indexer, IndexerStats
-from consumers.progress import Progress
-from headwater.broker import LocalBroker
-from headwater.daemon import Daemon, free_port, pid_alive
-from headwater.liteserver import LiteServer
+from consumers.truth import read_documents_topic
+from headwater.progress import Progress
+from headwater.runtime.reader import read_to_end
 from headwater.settings import Settings
-from headwater.topics import consumer
 from index.embedder import Embedder
 from index.search import Searcher
 from index.store import ChunkStore
-from index.verify import Report, check_search, expected_index, read_documents_topic, verify
+from index.verify import Report, check_search, expected_index, verify
 from index.writer import IndexWriter
 from producers.corpus import CorpusRecord, default_corpus_dir, read_corpus
+from stack.broker import LocalBroker
+from stack.daemon import Daemon, free_port, pid_alive
+from stack.liteserver import LiteServer
 
 READY_TIMEOUT_S = 240.0  # torch + the embedder take ~20 s to load on a quiet 2-core machine
 HISTORY_START = 5425  # first `seq` of the tldr edit history (the snapshot comes before it)
@@ -88,7 +88,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
 def headwater_command() -> list[str]:
     """The installed `headwater` console script of this interpreter's environment."""
     script = Path(sys.executable).with_name("headwater")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "headwater"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "service"]
 
 
 class IndexerProcess:
@@ -139,7 +139,7 @@ class IndexerProcess:
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S, *, partitions: bool = True) -> None:
         """Until the member joined the group (and, by default, owns a partition)."""
-        self.wait_for_re(r"indexer assigned \[\d" if partitions else "indexer assigned", timeout)
+        self.wait_for_re(r"indexer assigned \['" if partitions else "indexer assigned", timeout)
 
     def kill(self) -> None:
         """kill -9: no flush, no commit, no leaving the group."""
@@ -171,8 +171,8 @@ class IndexerProcess:
 class IndexerThread:
     """An in-process group member: `Indexer.run(stop)` in a thread (shares the test's embedder)."""
 
-    def __init__(self, settings: Settings, embedder: Embedder) -> None:
-        self.indexer = Indexer(settings, embedder=embedder)
+    def __init__(self, settings: Settings, embedder: Embedder, **options: object) -> None:
+        self.indexer = Indexer(settings, embedder=embedder, **options)  # type: ignore[arg-type]
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="indexer", daemon=True)
@@ -314,23 +314,8 @@ def snapshot(settings: Settings, embedder: Embedder) -> tuple[dict, dict]:
 
 
 def read_topic(settings: Settings, topic: str, timeout_s: float = 30.0) -> list[ConsumerRecord]:
-    """Every record of `topic` from its beginning to its end now (no group, no waiting)."""
-    c = consumer(settings, group_id=None, client_id="chaos-reader")
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
-        c.assign(tps)
-        c.seek_to_beginning(*tps)
-        end = c.end_offsets(tps)
-        out: list[ConsumerRecord] = []
-        deadline = time.monotonic() + timeout_s
-        while any(c.position(tp) < end[tp] for tp in tps):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{topic} stopped delivering before its end")
-            for records in c.poll(timeout_ms=1000).values():
-                out += [r for r in records if r.offset < end[TopicPartition(r.topic, r.partition)]]
-        return out
-    finally:
-        c.close()
+    """Every record of `topic` from its beginning to its end now (no group)."""
+    return list(read_to_end(settings, topic, timeout_s=timeout_s, client_id="chaos-reader"))
 
 
 TRUTH_FIELDS = ("missing", "stale", "duplicates", "leaked", "deleted_present", "wrong_version")

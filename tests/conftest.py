@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from headwater.broker import LocalBroker
-from headwater.daemon import free_port
-from headwater.liteserver import LiteServer
 from headwater.settings import Settings
 from headwater.topics import ensure_topics
+from stack.broker import LocalBroker
+from stack.daemon import free_port
+from stack.liteserver import LiteServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,7 +57,7 @@ def _warm_group_coordinator(settings: Settings) -> None:
     from kafka import TopicPartition
     from kafka.structs import OffsetAndMetadata
 
-    from headwater.topics import consumer
+    from headwater.runtime.clients import consumer
 
     warm = settings.model_copy(update={"topic_prefix": "warmup"})
     ensure_topics(warm)

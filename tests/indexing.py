@@ -9,10 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from consumers.indexer import Indexer
+from consumers.truth import read_documents_topic
+from headwater.events import DocumentEvent
+from headwater.runtime.clients import producer
 from headwater.settings import Settings
-from headwater.topics import producer
-from index.verify import Report, expected_index, read_documents_topic, verify
-from producers.events import DocumentEvent
+from index.verify import Report, expected_index, verify
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 
@@ -23,7 +24,7 @@ def drain(ix: Indexer, timeout: float = 120.0) -> None:
     while time.monotonic() < deadline:
         ix.run_once()
         assigned = ix.consumer.assignment()
-        if not assigned or ix._pending:
+        if not assigned or ix.pending:
             continue
         end = ix.consumer.end_offsets(list(assigned))
         if len(assigned) == ix.settings.partitions and all(

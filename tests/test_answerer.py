@@ -5,30 +5,31 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
-from kafka import TopicPartition
 
 from consumers.answerer import (
     NO_PASSAGES,
     Answerer,
-    _Offsets,
     _trace,
     build_prompt,
     reply_topic_for,
 )
 from consumers.indexer import Indexer
-from headwater.cli import main
+from consumers.replies import QueryClient
+from headwater.errors import InvalidInput, QueryTimeout, UnknownTenantError
+from headwater.events import AdapterAnnouncement, AnswerEvent, Hit, QueryEvent
+from headwater.runtime.clients import admin, consumer, producer
 from headwater.settings import Settings
-from headwater.topics import admin, consumer, producer
 from index.search import Searcher
 from index.store import ChunkStore
-from producers.events import AdapterAnnouncement, AnswerEvent, QueryEvent
+from models.adapters import adapters_root
 from producers.publisher import DocumentPublisher
-from producers.queries import QueryClient, QueryError, QueryTimeout
+from service.cli import main
 from tests.test_generation import (
+    V1,
+    V2,
     Gate,
     one_torch_thread,
     shared_embedder,
@@ -221,9 +222,9 @@ def test_client_times_out_clearly_without_an_answerer(stack: Stack):
     stream = stack.client.ask("is anyone there?", timeout=1.5)
     with pytest.raises(QueryTimeout, match="is an answerer running"):
         list(stream)
-    with pytest.raises(QueryError, match="unknown tenant"):
+    with pytest.raises(UnknownTenantError, match="unknown tenant"):
         stack.client.ask("hello", tenant="nobody")
-    with pytest.raises(QueryError, match="invalid query"):
+    with pytest.raises(InvalidInput, match="invalid query"):
         stack.client.ask("")
 
 
@@ -232,7 +233,7 @@ def test_adapter_swap_while_twenty_queries_stream(stack: Stack, tmp_path):
     token = stack.publisher.upsert("handbook.md", HANDBOOK_V2)
     assert stack.searcher.search("vacation", tenant="default", token=token)
     generator = tiny_generator(max_new_tokens=16)
-    paths = tiny_adapters(tmp_path, generator.tokenizer)
+    paths = tiny_adapters(adapters_root(s), generator.tokenizer, versions=(V1, V2))
 
     def announce(version: str) -> None:
         p = producer(s)
@@ -240,27 +241,27 @@ def test_adapter_swap_while_twenty_queries_stream(stack: Stack, tmp_path):
         p.send(s.adapters_topic, key=b"current", value=ann.to_bytes()).get(30)
         p.close()
 
-    announce("v1")
+    announce(V1)
     stack.start_answerer(generator)
-    assert _wait(lambda: generator.current == "v1")
+    assert _wait(lambda: generator.current == V1)
     # Loading needs the model to itself; have v2 on hand so that the swap itself can happen
     # while a generation is held inside the model (the follower's load is then a no-op).
-    generator.load_adapter("v2", paths["v2"])
+    generator.load_adapter(V2, paths[V2])
     gate = Gate(generator.base)  # the first generation is held inside the model
     question = "How many vacation days do employees get?"
     streams = [stack.client.ask(question, timeout=120) for _ in range(20)]
     assert gate.entered.wait(60)
-    announce("v2")
-    assert _wait(lambda: generator.current == "v2")
+    announce(V2)
+    assert _wait(lambda: generator.current == V2)
     gate.release()
     answers = [_events(st) for st in streams]
     finals = [a[-1] for a in answers]
     assert [f.kind for f in finals] == ["done"] * 20, [f.error for f in finals]
     used = [f.adapter_version for f in finals]
-    assert "v1" in used and "v2" in used and set(used) == {"v1", "v2"}
-    assert used.count("v1") <= s.query_workers  # only queries already generating kept v1
+    assert V1 in used and V2 in used and set(used) == {V1, V2}
+    assert used.count(V1) <= s.query_workers  # only queries already generating kept v1
     # Each answer is exactly what its adapter generates for that prompt: no mixing mid-stream.
-    generator.load_adapter("v1", paths["v1"])
+    generator.load_adapter(V1, paths[V1])
     for events in answers:
         assert sum(e.kind == "token" for e in events) >= 2
         prompt = build_prompt(question, events[0].hits, s.prompt_max_chars)
@@ -288,14 +289,9 @@ def test_cli_ask_prints_the_answer_then_sources(stack: Stack, monkeypatch, capsy
 # -- pure logic (fakes) ----------------------------------------------------------------------
 
 
-@dataclass
-class FakeHit:
-    doc_id: str
-    version: int
-    chunk_id: str
-    score: float
-    text: str
-    section: str = ""
+def FakeHit(doc_id, version, chunk_id, score, text, section=""):
+    return Hit(doc_id=doc_id, version=version, chunk_id=chunk_id, score=score, text=text,
+               section=section)  # fmt: skip
 
 
 class FakeSearcher:
@@ -313,7 +309,7 @@ class FakeProducer:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, AnswerEvent]] = []
 
-    def send(self, topic, key, value):
+    def send(self, topic, key, value, headers=None):
         self.sent.append((topic, key, AnswerEvent.model_validate_json(value)))
         return SimpleNamespace(get=lambda timeout=None: None)
 
@@ -351,22 +347,6 @@ def test_trace_recovers_what_it_can():
         s.answers_topic,
     )
     assert _trace(b'{"query_id": "q", "tenant": "t1"}', s)[1] == "t1"
-
-
-def test_offsets_commit_only_below_unfinished_queries():
-    tp = TopicPartition("q", 0)
-    o = _Offsets()
-    for off in (5, 6, 7):
-        o.start(tp, off)
-    o.finish(tp, 6)
-    assert o.committable() == {tp: 5}
-    o.committed({tp: 5})
-    assert o.committable() == {}
-    o.finish(tp, 5)
-    assert o.committable() == {tp: 7} and o.in_flight == 1
-    o.finish(tp, 7, answered=False)  # its final event was never sent: answer it again later
-    o.committed({tp: 7})
-    assert o.committable() == {}
 
 
 def test_answer_events_with_fakes():

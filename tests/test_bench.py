@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from headwater.bench import freshness, incremental, ingest, lora, query, report
-from headwater.bench.common import BenchContext, CountingEmbedder, VectorMemo, percentiles
-from headwater.cli import build_parser
+from bench import freshness, incremental, ingest, lora, query, report
+from bench.common import BenchContext, CountingEmbedder, VectorMemo, percentiles
+from service.cli import build_parser
 
 COMMON_KEYS = {"benchmark", "command", "quick", "date", "git", "machine", "wall_s"}
 
@@ -138,7 +138,7 @@ def test_report_renders_results(tmp_path: Path) -> None:
 
 
 def test_overrides_are_checked() -> None:
-    from headwater.commands.bench import parse_overrides
+    from service.commands.bench import parse_overrides
 
     assert parse_overrides(
         ["freshness.rate=5", "ingest.docs=100", "freshness.snapshot=touched"]

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from index.chunker import Chunk, ChunkerError, chunk_document
+from headwater.errors import ChunkerError
+from index.chunker import Chunk, chunk_document
 
 CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "corpora"
 NEW_PARAGRAPH = (

@@ -51,7 +51,7 @@ def test_addresses_and_ports_agree():
 
 
 def test_service_commands_exist_in_the_cli():
-    from headwater.cli import build_parser
+    from service.cli import build_parser
 
     commands = set(build_parser()._subparsers._group_actions[0].choices)
     for name in ("indexer", "answerer", "trainer", "api"):

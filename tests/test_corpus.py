@@ -10,20 +10,14 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from headwater.cli import build_parser
+from headwater.errors import CorpusError
+from headwater.events import parse_document
 from headwater.settings import Settings
+from headwater.tokens import FreshnessToken
 from producers import corpus as corpus_module
-from producers.corpus import (
-    CorpusError,
-    count_records,
-    default_corpus_dir,
-    read_corpus,
-    replay,
-    to_event,
-)
-from producers.events import parse_document
+from producers.corpus import count_records, default_corpus_dir, read_corpus, replay, to_event
 from producers.publisher import DocumentPublisher
-from producers.token import FreshnessToken
+from service.cli import build_parser
 
 SAMPLE = corpus_module.SAMPLE_DIR / "tldr-sample.jsonl.gz"
 SNAPSHOT_END = 5425  # first event seq of the tldr corpus

@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from consumers.indexer import Indexer
-from index.search import Searcher, SearchError
+from headwater.errors import FreshnessTimeout, SearchError, UnknownTenantError
+from index.search import Searcher
 from producers.publisher import DocumentPublisher
 
 
@@ -48,11 +49,11 @@ def test_unapplied_or_bad_token_is_a_clear_error(settings, embedder):
     searcher = Searcher(fast, embedder, store)
     with DocumentPublisher(settings) as pub:
         token = pub.upsert("never/indexed.md", "no indexer runs in this test")
-    with pytest.raises(SearchError, match="has not applied token"):
+    with pytest.raises(FreshnessTimeout, match="has not applied token"):
         searcher.search("anything", tenant="default", token=str(token))
     with pytest.raises(SearchError, match="bad freshness token"):
         searcher.search("anything", tenant="default", token="zero:one")
-    with pytest.raises(SearchError, match="unknown tenant"):
+    with pytest.raises(UnknownTenantError, match="unknown tenant"):
         searcher.search("anything", tenant="intruder")
     with pytest.raises(SearchError, match="k must be"):
         searcher.search("anything", tenant="default", k=0)

@@ -14,12 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from headwater.daemon import StackError, free_port, port_open
-from headwater.gateway import create_app, serve
+from headwater.errors import InvalidDocumentError, SearchError, StackError
 from headwater.settings import Settings
-from index.search import Searcher, SearchError
-from producers.publisher import InvalidDocumentError
-from producers.token import FreshnessToken
+from headwater.tokens import FreshnessToken
+from index.search import Searcher
+from service.gateway import create_app, serve
+from stack.daemon import free_port, port_open
 from tests.test_answerer import HANDBOOK_V1, HANDBOOK_V2, OTHER, Stack
 from tests.test_generation import one_torch_thread
 
@@ -296,7 +296,7 @@ def test_health_metrics_and_openapi():
 def test_serve_announces_its_address_and_stops(caplog):
     s = Settings(tenants=["default"], api_port=free_port())
     app = create_app(s, searcher=FakeSearcher(), publisher=FakePublisher(), query_client=None)
-    caplog.set_level(logging.INFO, logger="headwater.gateway")
+    caplog.set_level(logging.INFO, logger="service.gateway")
     stop = threading.Event()
     server = threading.Thread(target=serve, args=(app, s, stop))
     server.start()

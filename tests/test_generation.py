@@ -13,17 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from consumers.generation import (
-    AdapterFollower,
-    GenerationError,
-    Generator,
-    adapter_location,
-    extractive_answer,
-    parse_announcement,
-)
+from consumers.adapters import AdapterFollower, adapter_location, parse_announcement
+from consumers.generation import Generator, extractive_answer
+from headwater.errors import GenerationError
+from headwater.events import AdapterAnnouncement
+from headwater.runtime.clients import producer
 from headwater.settings import Settings
-from headwater.topics import producer
-from producers.events import AdapterAnnouncement
+from models.adapters import adapter_path, adapters_root
 
 VOCABULARY = (
     "the a river flows water fresh index answer question kafka milvus adapter token stream "
@@ -35,6 +31,8 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant{% endif %}"
 )
+# Adapter versions as the registry names them (the follower refuses anything else).
+V1, V2 = "v0001-20260101T0000", "v0002-20260101T0000"
 MESSAGES = [
     {"role": "system", "content": "answer the question"},
     {"role": "user", "content": "the river flows ?"},
@@ -318,21 +316,22 @@ def test_extractive_answer_cites_the_best_passages():
     assert text == "Employees get 25 vacation days. More text here. [1] Remote work is allowed. [2]"
 
 
-def test_parse_announcement():
-    a = AdapterAnnouncement(version="v3", uri="file:///x", base_model="m")
-    assert parse_announcement(a.to_bytes()).version == "v3"
-    with pytest.raises(ValueError):
-        parse_announcement(b'{"version": 1}')
-    with pytest.raises(ValueError):
-        parse_announcement(None)
+def test_parse_announcement_accepts_only_registry_versions():
+    a = AdapterAnnouncement(version=V1, uri="file:///x", base_model="m")
+    assert parse_announcement(a.to_bytes()).version == V1
+    for bad in (b'{"version": 1}', None):
+        with pytest.raises(ValueError):
+            parse_announcement(bad)
+    for version in ("v3", "../../etc", "v0001-20260101T0000/../x", V1 + "\n"):
+        raw = AdapterAnnouncement(version=version, base_model="m").to_bytes()
+        with pytest.raises(ValueError, match="not an adapter version"):
+            parse_announcement(raw)
 
 
-def test_adapter_location_prefers_a_local_uri(adapters):
-    settings = Settings()
-    ann = AdapterAnnouncement(version="v1", uri=f"file://{adapters['v1']}", base_model="m")
-    assert adapter_location(settings, ann) == adapters["v1"]
-    ann = AdapterAnnouncement(version="v1", uri=str(adapters["v1"]), base_model="m")
-    assert adapter_location(settings, ann) == adapters["v1"]
+def test_adapter_location_is_the_registry_folder_whatever_the_uri(tmp_path):
+    settings = Settings(data_dir=tmp_path)
+    ann = AdapterAnnouncement(version=V1, uri="file:///etc/secrets", base_model="m")
+    assert adapter_location(settings, ann) == adapter_path(settings, V1)
 
 
 def _announce(settings: Settings, version: str | None, uri: Path | None) -> None:
@@ -351,25 +350,27 @@ def _wait(predicate, timeout: float = 30.0) -> bool:
     return predicate()
 
 
-def test_follower_applies_the_latest_announcement(settings, adapters):
+def test_follower_applies_the_latest_announcement(settings):
     """Real broker: the backlog's last announcement wins; later ones swap live."""
     gen = tiny_generator()
-    _announce(settings, "v1", adapters["v1"])
+    adapters = tiny_adapters(adapters_root(settings), gen.tokenizer, versions=(V1, V2))
+    _announce(settings, V1, adapters[V1])
     p = producer(settings)
     p.send(settings.adapters_topic, key=b"current", value=b"not json").get(30)
     p.close()
-    _announce(settings, "v2", adapters["v2"])
+    _announce(settings, V2, adapters[V2])
     follower = AdapterFollower(settings, gen)
     stop = threading.Event()
     thread = threading.Thread(target=follower.run, args=(stop,), daemon=True)
     thread.start()
     try:
         assert follower.ready.wait(30)
-        assert gen.current == "v2"
-        assert gen.loaded == ["v2"]  # v1 was superseded in the backlog: never loaded
-        _announce(settings, "v1", adapters["v1"])
-        assert _wait(lambda: gen.current == "v1")
-        _announce(settings, "v3", Path("/nonexistent"))  # cannot load: keep serving v1
+        assert gen.current == V2
+        assert gen.loaded == [V2]  # V1 was superseded in the backlog: never loaded
+        _announce(settings, V1, adapters[V1])
+        assert _wait(lambda: gen.current == V1)
+        _announce(settings, "v0003-20260101T0000", None)  # not on disk: keep serving V1
+        _announce(settings, "../v1", None)  # not a version at all: ignored
         _announce(settings, None, None)
         assert _wait(lambda: gen.current is None)
         assert gen.loaded == []

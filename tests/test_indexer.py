@@ -11,12 +11,13 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from consumers.deadletter import DeadLetter
 from consumers.indexer import Indexer
-from headwater.topics import consumer, ensure_topics
+from headwater.errors import StoreError
+from headwater.events import DocumentEvent
+from headwater.runtime.clients import consumer
+from headwater.runtime.deadletter import DeadLetter
+from headwater.topics import ensure_topics
 from index.search import Searcher
-from index.store import StoreError
-from producers.events import DocumentEvent
 from tests.indexing import CORPORA, check_truth, corpus_event, corpus_records, drain, send
 
 

@@ -8,11 +8,12 @@ import uuid
 import pytest
 from kafka.admin import NewTopic
 
-from headwater.broker import LocalBroker, java_check
-from headwater.cli import main
-from headwater.daemon import StackError, free_port
+from headwater.errors import StackError
+from headwater.runtime.clients import admin, consumer, producer
 from headwater.settings import Settings
-from headwater.topics import admin, consumer, producer
+from service.cli import main
+from stack.broker import LocalBroker, java_check
+from stack.daemon import free_port
 
 
 def _roundtrip(settings: Settings, topic: str, n: int) -> list[bytes]:

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from kafka import OffsetAndMetadata, TopicPartition
 
-from consumers.progress import Progress, applied_offsets, consumer_lag, wait_for_token
-from headwater import topics
+from headwater.progress import Progress, applied_offsets, consumer_lag, wait_for_token
+from headwater.runtime import clients
 from headwater.settings import Settings
+from headwater.tokens import FreshnessToken
 from producers.publisher import DocumentPublisher
-from producers.token import FreshnessToken
 
 
 def commit(settings: Settings, offsets: dict[int, int]) -> None:
     """Commit `{partition: next offset}` for the indexer group, as the indexer would."""
-    consumer = topics.consumer(settings, group_id=settings.indexer_group)
+    consumer = clients.consumer(settings, group_id=settings.indexer_group)
     try:
         parts = [TopicPartition(settings.documents_topic, p) for p in offsets]
         consumer.assign(parts)

@@ -10,20 +10,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kafka import KafkaConsumer, TopicPartition
 
-from consumers.progress import Progress
-from headwater.cli import build_parser
-from headwater.settings import Settings
-from producers import publisher as publisher_module
-from producers.events import DocumentEvent, parse_document
-from producers.publisher import (
+from headwater.errors import (
     DeliveryError,
-    DocumentPublisher,
     DocumentTooLargeError,
+    HeadwaterError,
     InvalidDocumentError,
-    PublishError,
     UnknownTenantError,
 )
-from producers.token import FreshnessToken
+from headwater.events import DocumentEvent, parse_document
+from headwater.progress import Progress
+from headwater.settings import Settings
+from headwater.tokens import FreshnessToken
+from producers import publisher as publisher_module
+from producers.publisher import DocumentPublisher
+from service.cli import build_parser
 
 
 def read_topic(settings: Settings) -> list:
@@ -101,7 +101,7 @@ def test_invalid_documents_raise_clear_errors_and_send_nothing(settings: Setting
         # Every error is a one-line ValueError.
         with pytest.raises(ValueError) as info:
             pub.upsert("a.md", "x" * 200)
-        assert isinstance(info.value, PublishError) and "\n" not in str(info.value)
+        assert isinstance(info.value, HeadwaterError) and "\n" not in str(info.value)
         assert pub._producer is None  # never even connected
     with Progress(settings) as progress:
         assert sum(progress.end_offsets().values()) == 0

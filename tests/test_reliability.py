@@ -30,18 +30,20 @@ from hypothesis import strategies as st
 from kafka import TopicPartition
 from kafka.admin import OffsetSpec
 
-from consumers.deadletter import DeadLetter
-from consumers.progress import Progress
-from headwater import topics
-from headwater.cli import main
+from headwater.errors import DeliveryError
+from headwater.events import DocumentEvent
+from headwater.progress import Progress
+from headwater.runtime import clients
+from headwater.runtime.deadletter import DeadLetter
 from headwater.settings import Settings
+from headwater.topics import ensure_topics
 from index.embedder import Embedder
 from index.search import Searcher
 from index.store import ChunkStore, doc_key
 from index.verify import latest_events
 from producers.corpus import CorpusRecord, replay, to_event
-from producers.events import DocumentEvent
-from producers.publisher import DeliveryError, DocumentPublisher
+from producers.publisher import DocumentPublisher
+from service.cli import main
 from tests.chaos import (
     TRUTH_FIELDS,
     Faults,
@@ -232,7 +234,7 @@ def broker_restarts(
                 "batch_max_events": 10,
             }
         )
-        topics.ensure_topics(s)
+        ensure_topics(s)
         acked: dict[str, int] = {}
         failed = Counter[str]()
         done = threading.Event()
@@ -424,7 +426,7 @@ def replayed_streams(settings: Settings, embedder: Embedder, scale: Scale, seed:
     for i in range(scale.replays):
         kind = i % 3
         if kind == 0:  # the same group, its offsets reset to the beginning
-            admin = topics.admin(settings)
+            admin = clients.admin(settings)
             try:
                 parts_ = range(settings.partitions)
                 specs = {TopicPartition(settings.documents_topic, p): OffsetSpec.EARLIEST
@@ -520,10 +522,10 @@ def test_a_rebalance_mid_batch_loses_nothing(settings, embedder):
     member = IndexerThread(s, embedder)
     try:
         deadline = time.monotonic() + 120
-        while not member.indexer._pending:  # polled, not yet applied: the batch window is open
+        while not member.indexer.pending:  # polled, not yet applied: the batch window is open
             assert time.monotonic() < deadline, "the indexer never polled"
             time.sleep(0.01)
-        guest = topics.consumer(s, s.documents_topic, group_id=s.indexer_group)
+        guest = clients.consumer(s, s.documents_topic, group_id=s.indexer_group)
         guest.poll(timeout_ms=3000)  # joins: everything is revoked, then reassigned
         guest.close(autocommit=False)  # leaves: another rebalance
         wait_caught_up(s, 120, alive=member.alive)
@@ -681,7 +683,7 @@ class FuzzRun:
                 "tenants": TENANTS, "max_text_bytes": FUZZ_MAX_TEXT,
             }
         )  # fmt: skip
-        topics.ensure_topics(self.settings)
+        ensure_topics(self.settings)
         self.embedder = embedder
         self.faults = faults
         self.sent = 0

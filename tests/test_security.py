@@ -12,15 +12,16 @@ import pytest
 from fastapi.testclient import TestClient
 
 from consumers.indexer import Indexer
-from consumers.progress import Progress
-from headwater import topics
-from headwater.gateway import create_app
+from headwater.errors import UnknownTenantError
+from headwater.progress import Progress
+from headwater.runtime import clients
 from headwater.settings import Settings
+from headwater.tokens import FreshnessToken
 from index import store as store_module
-from index.search import Searcher, SearchError
+from index.search import Searcher
 from index.store import ChunkStore, doc_key, lit
 from producers.publisher import DocumentPublisher
-from producers.token import FreshnessToken
+from service.gateway import create_app
 from tests.chaos import IndexerThread, assert_truth, truth
 from tests.test_reliability import HOSTILE_IDS
 
@@ -167,7 +168,7 @@ def test_no_user_value_reaches_a_filter_expression(settings: Settings, embedder)
         searcher = Searcher(s, embedder, store)
         with pytest.raises(ValueError):
             searcher.search("anything", tenant='default" or tenant != "')
-        with pytest.raises(SearchError):
+        with pytest.raises(UnknownTenantError):
             Searcher(settings, embedder, store).search("anything", tenant="nobody")
     finally:
         store.close()
@@ -250,9 +251,9 @@ class FakeMilvus:
 def fake_clients(monkeypatch):
     _Client.made.clear()
     FakeMilvus.made.clear()
-    monkeypatch.setattr(topics, "KafkaProducer", FakeProducer)
-    monkeypatch.setattr(topics, "KafkaConsumer", FakeConsumer)
-    monkeypatch.setattr(topics, "KafkaAdminClient", FakeAdmin)
+    monkeypatch.setattr(clients, "KafkaProducer", FakeProducer)
+    monkeypatch.setattr(clients, "KafkaConsumer", FakeConsumer)
+    monkeypatch.setattr(clients, "KafkaAdminClient", FakeAdmin)
     monkeypatch.setattr(store_module, "MilvusClient", FakeMilvus)
     return _Client.made
 
@@ -270,9 +271,9 @@ def test_settings_build_secure_client_configs():
 
 def test_every_kafka_client_gets_the_security_settings(fake_clients):
     s = Settings(**SECURE)
-    topics.producer(s)
-    topics.consumer(s, "t", group_id="g")
-    topics.admin(s)
+    clients.producer(s)
+    clients.consumer(s, "t", group_id="g")
+    clients.admin(s)
     DocumentPublisher(s)._ensure_producer()
     assert Progress(s).applied_offsets() == {}
     embedder = SimpleNamespace(model_id="m", dim=4, max_tokens=256)
@@ -301,12 +302,12 @@ CONFIGS = {"kafka_client_config", "milvus_client_config"}
 
 
 def test_no_client_is_built_without_the_connection_settings():
-    """Outside headwater/topics.py (tested above), every Kafka or Milvus client construction in
-    the code passes `**settings.kafka_client_config()` / `milvus_client_config()`."""
+    """Outside headwater/runtime/clients.py (tested above), every Kafka or Milvus client built
+    in the code passes `**settings.kafka_client_config()` / `milvus_client_config()`."""
     offenders = []
-    for package in ("headwater", "producers", "consumers", "index", "trainer"):
+    for package in ("headwater", "producers", "consumers", "index", "trainer", "models", "service"):
         for path in sorted((REPO / package).rglob("*.py")):
-            if path == REPO / "headwater" / "topics.py":
+            if path == REPO / "headwater" / "runtime" / "clients.py":
                 continue
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 if not isinstance(node, ast.Call):

@@ -13,19 +13,13 @@ from fastapi.testclient import TestClient
 from kafka import TopicPartition
 
 from consumers.standing import StandingMatcher
-from headwater.cli import main
-from headwater.gateway import create_app
+from consumers.subscriptions import NotificationStream, SubscriptionClient, read_subscriptions
+from headwater.events import ChangeEvent, Hit, Notification, Subscription
+from headwater.runtime.clients import admin, consumer
 from headwater.settings import Settings
-from headwater.topics import admin, consumer
-from index.store import DocState, RawHit
-from producers.events import ChangeEvent
-from producers.queries import (
-    Notification,
-    NotificationStream,
-    Subscription,
-    SubscriptionClient,
-    read_subscriptions,
-)
+from index.store import DocState, doc_key
+from service.cli import main
+from service.gateway import create_app
 from tests.test_answerer import HANDBOOK_V1, HANDBOOK_V2, OTHER, Stack
 from tests.test_generation import one_torch_thread
 
@@ -227,7 +221,8 @@ class FakeStore:
         self.reads = 0
 
     def put(self, chunk_id, tenant, doc_id, text, vector):
-        self.rows[chunk_id] = {"chunk_id": chunk_id, "tenant": tenant, "doc_key": doc_id,
+        self.rows[chunk_id] = {"chunk_id": chunk_id, "tenant": tenant,
+                               "doc_key": doc_key(tenant, doc_id),
                                "doc_id": doc_id, "version": 1, "section": "", "text": text,
                                "dense": vector}  # fmt: skip
 
@@ -241,7 +236,8 @@ class FakeStore:
         for r in self.rows.values():
             if r["tenant"] == tenant:
                 score = float(np.dot(vector, r["dense"]) / np.linalg.norm(r["dense"]))
-                out.append(RawHit(r["chunk_id"], r["doc_key"], r["doc_id"], "", r["text"], score))
+                out.append(Hit(doc_id=r["doc_id"], version=1, chunk_id=r["chunk_id"],
+                               score=score, text=r["text"]))  # fmt: skip
         return sorted(out, key=lambda h: -h.score)[:limit]
 
     def doc_states(self, keys):

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from kafka.structs import MemberState
 
-from headwater import topics
+from headwater.runtime import clients
 
 
 class FakeConsumer:
@@ -34,7 +34,7 @@ class FakeConsumer:
 
 def test_a_finished_but_unapplied_rebalance_is_rejoined():
     c = FakeConsumer(MemberState.REBALANCING, need_rejoin=False)
-    assert topics.poll(c, timeout_ms=50, max_records=7) == {}
+    assert clients.poll(c, timeout_ms=50, max_records=7) == {}
     assert c.rejoins == 1 and c.polls == [(50, 7)]
 
 
@@ -45,5 +45,5 @@ def test_healthy_or_joining_consumers_are_left_alone():
         FakeConsumer(MemberState.UNJOINED, need_rejoin=True),
         FakeConsumer(MemberState.REBALANCING, need_rejoin=False, subscribed=False),
     ):
-        topics.poll(c, timeout_ms=0)
+        clients.poll(c, timeout_ms=0)
         assert c.rejoins == 0 and c.polls == [(0, None)]

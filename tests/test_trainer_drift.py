@@ -8,10 +8,10 @@ import random
 import numpy as np
 import pytest
 
-from headwater.cli import main
+from headwater.events import ChangeEvent, ExampleEvent
+from headwater.runtime.clients import consumer, producer
 from headwater.settings import Settings
-from headwater.topics import consumer, producer
-from producers.events import ChangeEvent, ExampleEvent
+from service.cli import main
 from trainer.drift import DriftTracker
 from trainer.examples import ExampleLog
 

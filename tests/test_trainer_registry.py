@@ -13,10 +13,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from headwater.cli import main
+from headwater.errors import RegistryError
+from models.adapters import VERSION_RE, adapter_path
+from service.cli import main
 from tests.test_trainer_drift import cli_env
 from tests.test_trainer_runs import announcements, fake_version
-from trainer.registry import VERSION_RE, Registry, RegistryError, adapter_path
+from trainer.registry import Registry
 
 
 def test_versions_are_sortable_and_never_reused(settings):
@@ -128,7 +130,7 @@ def test_cli_trainer_runs_until_sigterm(settings, tmp_path):
     err = tmp_path / "stderr.txt"
     with err.open("w") as sink:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "headwater.cli", "trainer"], env=env, stderr=sink
+            [sys.executable, "-m", "service.cli", "trainer"], env=env, stderr=sink
         )
         try:
             deadline = time.monotonic() + 120

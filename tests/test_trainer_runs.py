@@ -13,14 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from headwater.daemon import free_port
+from headwater.events import AdapterAnnouncement, ChangeEvent, ExampleEvent
+from headwater.runtime.clients import consumer, producer
 from headwater.settings import Settings
-from headwater.topics import consumer, producer
-from producers.events import AdapterAnnouncement, ChangeEvent, ExampleEvent
+from index.embedder import model_slug
+from index.store import ChunkRow, ChunkStore
+from models.adapters import adapter_path
+from stack.daemon import free_port
 from tests.tinymodel import SIGN_OFF, build_tiny_llama, question, styled_answer
 from trainer import run as run_module
 from trainer.dataset import fetch_chunk_texts
-from trainer.registry import Registry, adapter_path
+from trainer.registry import Registry
 from trainer.run import Launch
 from trainer.scheduler import TrainerService
 
@@ -105,25 +108,16 @@ def in_process(job_dir: Path, timeout_s: float, on_line=None, on_start=None) -> 
 
 
 def chunk_collection(s: Settings, texts: dict[str, str]) -> None:
-    """A collection shaped like the indexer's chunks (chunk_id primary key, text, dense)."""
-    from pymilvus import DataType, MilvusClient
-
-    client = MilvusClient(**s.milvus_client_config(), dedicated=True)
-    schema = client.create_schema(auto_id=False)
-    schema.add_field("chunk_id", DataType.VARCHAR, max_length=64, is_primary=True)
-    schema.add_field("text", DataType.VARCHAR, max_length=4096)
-    schema.add_field("dense", DataType.FLOAT_VECTOR, dim=4)
-    index = client.prepare_index_params()
-    index.add_index("dense", index_type="FLAT", metric_type="COSINE")
-    name = f"{s.collection_prefix}_chunks_test_4"
-    client.create_collection(name, schema=schema, index_params=index)
-    client.insert(
-        name, [{"chunk_id": k, "text": t, "dense": [1.0, 0, 0, 0]} for k, t in texts.items()]
-    )
-    client.close()
+    """Chunks written through the index's own store (4-d vectors: no model is loaded)."""
+    store = ChunkStore(s, model_slug(s.embedder), 4)
+    rows = [ChunkRow(cid, s.default_tenant, "k" * 40, "doc.md", 1, "", text, [1.0, 0, 0, 0])
+            for cid, text in texts.items()]  # fmt: skip
+    store.write_chunks(rows)
+    store.close()
 
 
 def test_chunk_texts_come_from_milvus_or_nowhere(settings):
+    assert fetch_chunk_texts(settings, ["c1"], limit=8) == []  # no index yet: no text
     chunk_collection(settings, {"c1": "kafka text", "c2": "other", "c3": "milvus text"})
     got = fetch_chunk_texts(settings, ["c1", "c3", "missing"], limit=8)
     assert sorted(got) == ["kafka text", "milvus text"]

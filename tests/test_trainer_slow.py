@@ -6,12 +6,13 @@ import json
 
 import pytest
 
+from headwater.events import ExampleEvent
 from headwater.settings import DEFAULT_GENERATOR
-from producers.events import ExampleEvent
+from models.adapters import adapter_path
+from models.base import GGUF_FILE, gguf_folder, load_generator, resolve_model
 from tests.test_trainer_runs import announcements, publish
-from trainer.basemodel import GGUF_FILE, gguf_folder, load_generator, resolve_model
 from trainer.examples import is_heldout
-from trainer.registry import Registry, adapter_path
+from trainer.registry import Registry
 from trainer.scheduler import TrainerService
 
 TOPICS = ["Kafka", "Milvus", "LoRA", "Python", "a river", "a compacted topic", "an index"]

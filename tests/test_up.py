@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from headwater.daemon import free_port
+from stack.daemon import free_port
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def up(settings, tmp_path):
     }
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "headwater", "up", "--no-trainer"],
+        [sys.executable, "-m", "service", "up", "--no-trainer"],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from kafka import TopicPartition
 
-from headwater import topics
+from headwater.events import DocumentEvent, parse_document
+from headwater.runtime import clients
 from headwater.settings import Settings
-from producers.events import DocumentEvent, parse_document
 from producers.publisher import DocumentPublisher
 from producers.watch import FolderWatcher
 
@@ -23,7 +23,7 @@ class TopicTail:
     """Reads the documents topic as it grows (one consumer for the whole test)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.consumer = topics.consumer(settings)
+        self.consumer = clients.consumer(settings)
         parts = [TopicPartition(settings.documents_topic, p) for p in range(settings.partitions)]
         self.consumer.assign(parts)
         self.consumer.seek_to_beginning(*parts)

@@ -16,7 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from headwater.errors import StoreError
 from headwater.settings import Settings
+from index.store import ChunkStore
 from trainer.examples import ExampleLog, is_heldout
 from trainer.style import StyleProfile
 
@@ -96,39 +98,28 @@ def plan_steps(settings: Settings, train_size: int) -> int:
 def fetch_chunk_texts(
     settings: Settings, chunk_ids: list[str], limit: int, timeout_s: float = 10.0
 ) -> list[str]:
-    """Texts of some added chunks, from Milvus; [] when Milvus or the collection is not there.
+    """Texts of some added chunks, read through the index; [] when there is no index to read.
 
-    The collection layout belongs to the indexer: any collection named `<collection_prefix>_*`
-    whose primary key is `chunk_id` and that has a `text` field.
+    A run must work without Milvus: an unreachable one only costs the run its document text.
     """
     ids = chunk_ids[-limit:] if limit else []
     if not ids:
         return []
     try:
-        from pymilvus import MilvusClient
-
-        # A dedicated connection, closed below: nothing shared with other clients in-process.
-        client = MilvusClient(**settings.milvus_client_config(), timeout=timeout_s, dedicated=True)
-    except Exception as exc:  # a run must work without Milvus
-        log.warning("no document text for this run (Milvus unavailable: %s)", exc)
+        store = ChunkStore.existing(settings, timeout_s=timeout_s)
+    except StoreError as exc:
+        log.warning("no document text for this run: %s", exc)
         return []
-    texts: list[str] = []
+    if store is None:
+        return []
     try:
-        for name in client.list_collections():
-            if not name.startswith(f"{settings.collection_prefix}_") or len(texts) >= len(ids):
-                continue
-            fields = client.describe_collection(name)["fields"]
-            primary = next((f["name"] for f in fields if f.get("is_primary")), None)
-            if primary != "chunk_id" or not any(f["name"] == "text" for f in fields):
-                continue
-            # By primary key: pymilvus quotes the ids, they never become expression text.
-            rows = client.query(name, ids=ids, output_fields=["text"], timeout=30)
-            texts += [r["text"][:DOC_CHARS] for r in rows if r.get("text")]
-    except Exception as exc:
+        texts = store.texts(ids)
+    except StoreError as exc:
         log.warning("document text fetch failed, training without it: %s", exc)
+        return []
     finally:
-        client.close()
-    return texts[:limit]
+        store.close()
+    return [texts[c][:DOC_CHARS] for c in ids if texts.get(c)][:limit]
 
 
 # -- tokens (runs in the training process) ---------------------------------------------------

@@ -23,12 +23,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from filelock import FileLock
-from kafka import TopicPartition
 from pydantic import BaseModel, Field, ValidationError
 
+from headwater.errors import EventError, KafkaUnavailable
+from headwater.events import ChangeEvent, ExampleEvent, parse_example
+from headwater.runtime.reader import Tail
 from headwater.settings import Settings
-from headwater.topics import consumer
-from producers.events import ChangeEvent, EventError, ExampleEvent, parse_example
 from trainer.examples import ExampleLog
 
 log = logging.getLogger(__name__)
@@ -187,52 +187,35 @@ class DriftTracker:
 
     def _consume(self, state: DriftState, timeout_s: float) -> None:
         s = self.settings
-        c = consumer(s, group_id=None, client_id="headwater-drift", request_timeout_ms=30_000)
-        try:
-            parts = [
-                TopicPartition(topic, p)
-                for topic in (s.changes_topic, s.examples_topic)
-                for p in sorted(c.partitions_for_topic(topic))
-            ]
-            if not parts:
-                return
-            c.assign(parts)
-            for tp in parts:
-                start = state.offsets.get(f"{tp.topic}:{tp.partition}")
-                if start is None:
-                    c.seek_to_beginning(tp)
-                else:
-                    c.seek(tp, start)
-            end = c.end_offsets(parts, timeout_ms=30_000)
-            nxt = {tp: c.position(tp, timeout_ms=30_000) for tp in parts}
-            examples: list[ExampleEvent] = []
-            known = set(state.base_vocab) | set(state.new_terms)
-            fresh: set[str] = set()
-            deadline = time.monotonic() + timeout_s
-            while any(nxt[tp] < end[tp] for tp in parts) and time.monotonic() < deadline:
-                for tp, records in c.poll(timeout_ms=500, max_records=2000).items():
-                    for r in records:
-                        if tp.topic == s.changes_topic:
+        deadline = time.monotonic() + timeout_s
+        examples: list[ExampleEvent] = []
+        known = set(state.base_vocab) | set(state.new_terms)
+        fresh: set[str] = set()
+        positions: dict[str, int] = {}
+        for topic in (s.changes_topic, s.examples_topic):
+            start = {int(k.rsplit(":", 1)[1]): v for k, v in state.offsets.items()
+                     if k.rsplit(":", 1)[0] == topic}  # fmt: skip
+            with Tail(s, topic, start=start, client_id="headwater-drift",
+                      request_timeout_ms=30_000) as tail:  # fmt: skip
+                try:
+                    for r in tail.read_to_end(max(1.0, deadline - time.monotonic())):
+                        if topic == s.changes_topic:
                             self._apply_change(state, r.value, known, fresh)
                         else:
                             ex = self._apply_example(state, r.value)
                             if ex is not None:
                                 examples.append(ex)
-                        nxt[tp] = r.offset + 1
-            if any(nxt[tp] < end[tp] for tp in parts):
-                log.warning(
-                    "drift: not caught up within %.0f s; the rest comes next time", timeout_s
-                )
-            # Example log first (past its committed length until the state says otherwise), then
-            # the state with offsets: a crash in between re-reads these examples, once.
-            if fresh:
-                state.new_terms = sorted(set(state.new_terms) | fresh)
-            if examples:
-                state.examples_len = self.examples.append(examples)
-            state.offsets.update({f"{tp.topic}:{tp.partition}": nxt[tp] for tp in parts})
-            self._save(state)
-        finally:
-            c.close()
+                except KafkaUnavailable as exc:
+                    log.warning("drift: %s; the rest comes next time", exc)
+                positions |= {f"{topic}:{p}": o for p, o in tail.positions.items()}
+        # Example log first (past its committed length until the state says otherwise), then
+        # the state with offsets: a crash in between re-reads these examples, once.
+        if fresh:
+            state.new_terms = sorted(set(state.new_terms) | fresh)
+        if examples:
+            state.examples_len = self.examples.append(examples)
+        state.offsets.update(positions)
+        self._save(state)
 
     def _apply_change(
         self, state: DriftState, raw: bytes | None, known: set[str], fresh: set[str]

@@ -8,14 +8,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from headwater.errors import EventError, ExampleError
+from headwater.events import ExampleEvent, parse_example
+from headwater.runtime.clients import producer
 from headwater.settings import Settings
-from headwater.topics import producer
-from producers.events import EventError, ExampleEvent, parse_example
-from trainer import TrainerError
-
-
-class ExampleError(TrainerError):
-    """An example that cannot be accepted; the message says which and why."""
 
 
 def make_example(

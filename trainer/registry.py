@@ -1,54 +1,32 @@
-"""Adapter versions on disk, their gate decisions, and which one is current.
+"""Adapter versions, their gate decisions, and which one is current.
 
-Layout under `data_dir/adapters`: one folder per finished version (`v0003-20261124T1530`, ids
-sort by their number), `.tmp-<version>` while a run writes one, and `registry.json` (written
-atomically) listing every version with its status and metrics, `current`, and the history of
-promotions that `rollback` walks back. A folder is complete only with its weights and
-`headwater.json`; nothing else can be promoted.
+The folders follow `models.adapters`' layout; `registry.json` beside them (written atomically)
+lists every version with its status and metrics, `current`, and the history of promotions that
+`rollback` walks back. A folder is complete only with its weights and `headwater.json`; nothing
+else can be promoted.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Literal
 
 from filelock import FileLock
 from pydantic import BaseModel, Field
 
+from headwater.errors import RegistryError
+from headwater.events import AdapterAnnouncement
+from headwater.runtime.clients import producer
 from headwater.settings import Settings
-from headwater.topics import producer
-from producers.events import AdapterAnnouncement
-from trainer import TrainerError
+from models.adapters import VERSION_RE, adapter_path, adapters_root, is_complete
 from trainer.drift import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-METADATA = "headwater.json"
-WEIGHTS = ("adapter_model.safetensors", "adapter_config.json")
-VERSION_RE = re.compile(r"^v(\d{4,})-\d{8}T\d{4}$")
 Status = Literal["training", "accepted", "rejected", "failed"]
 PROMOTABLE = ("accepted", "rejected")  # a rejected version can still be promoted by hand
-
-
-class RegistryError(TrainerError):
-    """A registry operation that cannot be done (unknown version, nothing to roll back...)."""
-
-
-def adapters_root(settings: Settings) -> Path:
-    return settings.data_dir / "adapters"
-
-
-def adapter_path(settings: Settings, version: str) -> Path:
-    """Folder of an adapter version (what peft `load_adapter` takes)."""
-    return adapters_root(settings) / version
-
-
-def is_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in (*WEIGHTS, METADATA))
 
 
 class VersionRecord(BaseModel):

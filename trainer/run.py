@@ -126,7 +126,7 @@ def execute(job: JobSpec) -> dict[str, Any]:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.basemodel import pick_dtype, resolve_model
+    from models.base import pick_dtype, resolve_model
     from trainer.dataset import Batches, training_items
     from trainer.gate import evaluate
 

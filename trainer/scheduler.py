@@ -23,13 +23,14 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from filelock import FileLock, Timeout
 
+from headwater.errors import NothingToTrain, RunBusy, TrainerError
 from headwater.settings import Settings
-from trainer import TrainerError
+from models.adapters import adapter_path, is_complete
 from trainer.dataset import RunData, fetch_chunk_texts, plan_steps, select
 from trainer.drift import DriftState, DriftTracker, Figures
 from trainer.gate import Metrics, judge
 from trainer.policy import Decision, decide
-from trainer.registry import Registry, adapter_path, announce, is_complete
+from trainer.registry import Registry, announce
 from trainer.run import JobSpec, Launch, launch, read_result
 
 log = logging.getLogger(__name__)
@@ -40,14 +41,6 @@ KEEP_JOBS = 20  # job folders (inputs and logs of past runs) kept for inspection
 def data_mark(state: DriftState) -> str:
     """Identifies the data a run is built from: the example log length and chunk sequence."""
     return f"{state.examples_len}:{state.chunk_seq}"
-
-
-class RunBusy(TrainerError):
-    """Another run holds the run lock."""
-
-
-class NothingToTrain(TrainerError):
-    """No new examples or document text since the current adapter."""
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,0 @@
-import sys
-
-from headwater.cli import main
-
-sys.exit(main())

@@ -1,0 +1,191 @@
+"""CLI commands for retraining: `example add`, `drift`, `train`, `trainer`, `adapters`."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from headwater.runtime.shutdown import stop_on_signals
+from headwater.settings import Settings
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register this group's subcommands."""
+    ex = sub.add_parser("example", help="style/behavior examples for the adapter")
+    ex_sub = ex.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = ex_sub.add_parser("add", help="publish examples on the examples topic")
+    src = add.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the user's message")
+    src.add_argument("--file", type=Path, help="JSONL of {prompt, response[, tenant, weight]}")
+    add.add_argument("--response", help="the answer in the wanted style (with --prompt)")
+    add.add_argument("--tenant", help="tenant (default: settings.default_tenant)")
+    add.add_argument("--weight", type=float, default=1.0, help="sampling weight (default 1)")
+    add.set_defaults(func=_clear_errors(_example_add))
+
+    drift = sub.add_parser("drift", help="data drift since the current adapter")
+    drift.add_argument("--json", action="store_true", help="a flat JSON object")
+    drift.set_defaults(func=_clear_errors(_drift))
+
+    train = sub.add_parser("train", help="check the retraining policy once, or force a run")
+    train.add_argument("--now", action="store_true", help="run now, whatever the policy says")
+    train.set_defaults(func=_clear_errors(_train))
+
+    trainer = sub.add_parser("trainer", help="run the retraining scheduler until SIGTERM")
+    trainer.set_defaults(func=_clear_errors(_trainer))
+
+    adapters = sub.add_parser("adapters", help="adapter versions: list, promote, rollback")
+    ad_sub = adapters.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = ad_sub.add_parser("list", help="every trained version and the current one")
+    ls.add_argument("--json", action="store_true", help='{"versions": [...], "current": ...}')
+    ls.set_defaults(func=_clear_errors(_adapters_list))
+    promote = ad_sub.add_parser("promote", help="make a finished version current and announce it")
+    promote.add_argument("version")
+    promote.set_defaults(func=_clear_errors(_adapters_promote))
+    rollback = ad_sub.add_parser("rollback", help="back to the previously promoted version")
+    rollback.set_defaults(func=_clear_errors(_adapters_rollback))
+
+
+def _fail(message: str) -> int:
+    print(f"headwater: {message}", file=sys.stderr)
+    return 2
+
+
+def _clear_errors(func: Callable[[Settings, argparse.Namespace], int]) -> Callable:
+    """Bad input, a busy trainer or an unreachable broker: one line on stderr, exit code 2."""
+
+    @functools.wraps(func)
+    def run(settings: Settings, args: argparse.Namespace) -> int:
+        from kafka.errors import KafkaError
+
+        from headwater.errors import HeadwaterError
+
+        try:
+            return func(settings, args)
+        except HeadwaterError as exc:
+            return _fail(str(exc))
+        except KafkaError as exc:
+            return _fail(f"Kafka at {settings.bootstrap}: {exc}")
+
+    return run
+
+
+def _example_add(settings: Settings, args: argparse.Namespace) -> int:
+    from trainer.examples import make_example, publish_examples, read_examples_file
+
+    if args.file is not None:
+        if args.response is not None:
+            return _fail("--response goes with --prompt, not --file")
+        examples = read_examples_file(settings, args.file)
+    else:
+        if args.response is None:
+            return _fail("--prompt needs --response")
+        examples = [make_example(settings, args.prompt, args.response, args.tenant, args.weight)]
+    n = publish_examples(settings, examples)
+    print(f"published {n} example{'s' * (n != 1)} on {settings.examples_topic}")
+    return 0
+
+
+def _drift(settings: Settings, args: argparse.Namespace) -> int:
+    from trainer.drift import DriftTracker
+
+    figures = DriftTracker(settings).update()
+    if args.json:
+        print(json.dumps(figures.flat()))
+        return 0
+    table = Table(title=f"Drift since the current adapter (since {figures.since:%Y-%m-%d %H:%M})")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in figures.flat().items():
+        if key != "since":
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    return 0
+
+
+def _train(settings: Settings, args: argparse.Namespace) -> int:
+    from trainer.scheduler import TrainerService
+
+    console = Console(stderr=True)
+    service = TrainerService(settings, on_line=lambda line: console.print(line, markup=False))
+    if args.now:
+        figures = service.tracker.update()
+        outcome = service.train("forced (headwater train --now)", figures)
+    else:
+        outcome = service.check()
+    if outcome is None:
+        decision = service.last_decision
+        print(f"no run: {decision.reason if decision else 'policy says wait'}")
+        return 0
+    verb = "promoted" if outcome.promoted else outcome.status
+    print(f"{outcome.version} {verb}: {outcome.reason}")
+    return 0 if outcome.status != "failed" else 1
+
+
+def _trainer(settings: Settings, args: argparse.Namespace) -> int:
+    from trainer.scheduler import TrainerService
+
+    stop = stop_on_signals()
+    service = TrainerService(settings)
+    service.start()
+    print(
+        f"trainer running: checks every {settings.train_check_interval_s:.0f} s"
+        + (f" and on '{settings.train_cron}'" if settings.train_cron else ""),
+        file=sys.stderr,
+    )
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        service.stop()
+    return 0
+
+
+def _adapters_list(settings: Settings, args: argparse.Namespace) -> int:
+    from trainer.registry import Registry
+
+    listing = Registry(settings).listing()
+    if args.json:
+        print(json.dumps(listing))
+        return 0
+    table = Table(title=f"Adapters (current: {listing['current'] or 'none, base model'})")
+    for col in ("version", "status", "created", "adherence", "loss"):
+        table.add_column(col, no_wrap=True)
+    for v in listing["versions"]:
+        after = (v.get("metrics") or {}).get("after") or {}
+        adherence, loss = after.get("adherence"), after.get("loss")
+        table.add_row(
+            ("* " if v["current"] else "") + v["version"],
+            v["status"],
+            v["created"][:16],
+            "" if adherence is None else f"{adherence:.2f}",
+            "" if loss is None else f"{loss:.3f}",
+        )
+    console = Console()
+    console.print(table)
+    for v in listing["versions"]:
+        if v["reason"]:
+            console.print(f"{v['version']}: {v['reason']}", markup=False, soft_wrap=True)
+    return 0
+
+
+def _adapters_promote(settings: Settings, args: argparse.Namespace) -> int:
+    from trainer.registry import Registry
+
+    Registry(settings).promote(args.version)
+    print(f"current adapter: {args.version}")
+    return 0
+
+
+def _adapters_rollback(settings: Settings, args: argparse.Namespace) -> int:
+    from trainer.registry import Registry
+
+    current, _ = Registry(settings).rollback()
+    print(f"current adapter: {current or 'none (base model)'}")
+    return 0
