@@ -79,23 +79,29 @@ class Counter:
             return word_offsets(text, self)
         return self._offsets(text)
 
-    def word_tokens(self, text: str, starts: array, ends: array) -> list[int]:
+    def word_tokens(self, text: str, starts: array, ends: array, over: int) -> list[int]:
         """Tokens of each word text[starts[i]:ends[i]], from offsets of slices of words.
 
         Exact for tokenizers that never put a token across whitespace (WordPiece, byte-level BPE),
-        an estimate otherwise; callers check what they cut with real counts.
+        an estimate otherwise; callers check what they cut with real counts. A word longer than
+        `over` characters is not counted: its weight is `over` (callers take it as too long).
         """
         if self._offsets is None:
-            return [self(text[s:e]) for s, e in zip(starts, ends, strict=True)]
+            return [
+                self(text[s:e]) if e - s <= over else over
+                for s, e in zip(starts, ends, strict=True)
+            ]
         weights = [0] * len(starts)
+        long = min(_SLICE, over)
         i = 0
         while i < len(starts):
-            if ends[i] - starts[i] > _SLICE:
-                weights[i] = self(text[starts[i] : ends[i]])
+            length = ends[i] - starts[i]
+            if length > long:  # on its own, counted for real (see `windows`)
+                weights[i] = over if length > over else self(text[starts[i] : ends[i]])
                 i += 1
                 continue
             j = i + 1
-            while j < len(starts) and ends[j] - starts[i] <= _SLICE:
+            while j < len(starts) and ends[j] - starts[j] <= long and ends[j] - starts[i] <= _SLICE:
                 j += 1
             base, k = starts[i], i
             for a, _ in self.offsets(text[base : ends[j - 1]]):
@@ -170,29 +176,34 @@ def _token_starts(offsets: list[tuple[int, int]], base: int) -> list[int]:
     return [base, *starts]
 
 
-def windows(text: str, start: int, end: int, counter: Counter, budget: int, n: int) -> list[Span]:
+def windows(
+    text: str, start: int, end: int, counter: Counter, budget: int, n: int, over: int
+) -> list[Span]:
     """Consecutive word windows of text[start:end] (`n` tokens) of at most `budget` tokens.
 
     Each window is as long as it can be (and at most `budget` words): where counts grow with the
     text this is what a binary search over counts gives, here from one offsets pass plus about
-    two counts per window. A word alone over the budget is cut into token pieces.
+    two counts per window. A word alone over the budget is cut into token pieces; a word longer
+    than `over` characters is taken as over the budget without counting it.
     A window is not content-defined, but this only runs on a single sentence over the budget.
     """
     starts, ends = array("q"), array("q")
     for m in _WORD.finditer(text, start, end):
         starts.append(m.start())
         ends.append(m.end())
-    if len(starts) == 1 and (starts[0], ends[0]) == (start, end):
-        weights = [n]  # one word, already counted
+    over = max(over, budget + 1)
+    long = min(_SLICE, over)
+    if len(starts) == 1 and (starts[0], ends[0]) == (start, end) and end - start > long:
+        weights = [n]  # one long word, already counted (or known to be too long)
     else:
-        weights = counter.word_tokens(text, starts, ends)
+        weights = counter.word_tokens(text, starts, ends, over)
     spans: list[Span] = []
     i = 0
     while i < len(starts):
 
         def count(j: int, i: int = i) -> int:  # tokens of words i..j-1
-            if j == i + 1 and ends[i] - starts[i] > _SLICE:
-                return weights[i]  # a long word was counted for real, not from offsets
+            if j == i + 1 and ends[i] - starts[i] > long:
+                return weights[i]  # a long word: counted for real, or known to be too long
             return counter(text[starts[i] : ends[j - 1]])
 
         hi = min(len(starts), i + budget)

@@ -19,6 +19,7 @@ import math
 import re
 import time
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -39,6 +40,10 @@ _MIN_PIECE_SOFT = 0.5
 # A heading title is repeated in every chunk of its sections (and their subsections), so a
 # longer one is clipped; real titles are far shorter (at most 80 characters in the corpora).
 _TITLE_CHARS = 256
+# A span with more characters than this many per token of its budget is taken as over the
+# budget without being counted (real text has 3-6 per token): a 2 MB word is then tokenized once,
+# to be cut, rather than also to learn that it is long.
+_SURELY_OVER = 64
 # Ranges of up to this many units are scanned for their cut; longer ones ask a _MaxTree.
 _SCAN_UNITS = 64
 # Loops without tokenizer calls look at the clock once per this many steps.
@@ -53,7 +58,7 @@ class ChunkBudgetExceeded(ChunkerError):
     """Chunking one document took longer than its `budget_s`; the message is one line."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a document can have 100k+ of them
 class Chunk:
     """One embeddable piece of a document, identified by its content."""
 
@@ -180,9 +185,13 @@ def _embed_text(section: str, text: str) -> str:
 # -- parsing -------------------------------------------------------------------------------------
 
 
-def _sections(text: str, clock: _Clock) -> list[_Section]:
-    """Blocks of the document grouped by heading path; a heading opens its own section."""
-    sections = [_Section(None, [])]
+def _sections(text: str, clock: _Clock) -> Iterator[_Section]:
+    """Blocks of the document grouped by heading path; a heading opens its own section.
+
+    Sections come one at a time, each as soon as the next heading starts: a document of many
+    small sections never holds them all (the garbage collector would walk them again and again).
+    """
+    section = _Section(None, [])
     stack: list[tuple[int, _Heading | None]] = []
     block_start = -1  # start of the open paragraph block, -1 when none
     block_end = 0
@@ -193,7 +202,7 @@ def _sections(text: str, clock: _Clock) -> list[_Section]:
         if block_start >= 0:
             body = text[block_start:block_end]
             # "- Example description:" belongs with the command or listing that follows it.
-            sections[-1].blocks.append((block_start, block_end, body.rstrip().endswith(":")))
+            section.blocks.append((block_start, block_end, body.rstrip().endswith(":")))
             block_start = -1
 
     pos = 0
@@ -205,17 +214,20 @@ def _sections(text: str, clock: _Clock) -> list[_Section]:
             char, length, fence_start = fence
             stripped = line.strip()
             if len(stripped) >= length and stripped == char * len(stripped):
-                sections[-1].blocks.append((fence_start, end, False))
+                section.blocks.append((fence_start, end, False))
                 fence = None
             continue
-        opener = _fence_opener(line)
+        lead = line[:1]
+        opener = _fence_opener(line) if lead in _MAY_OPEN else None
         if opener:
             close_paragraph()
             fence = (*opener, start)
             continue
-        heading = _heading(line)
+        heading = _heading(line) if lead in _MAY_OPEN else None
         if heading:
             close_paragraph()
+            if section.blocks:
+                yield section
             level, title = heading
             while stack and stack[-1][0] >= level:
                 stack.pop()
@@ -226,7 +238,7 @@ def _sections(text: str, clock: _Clock) -> list[_Section]:
             else:
                 stack.append((level, parent))
             # The heading line stays in the text (it is content); it is glued to what follows.
-            sections.append(_Section(stack[-1][1], [(start, end, True)]))
+            section = _Section(stack[-1][1], [(start, end, True)])
             continue
         if not line.strip():
             close_paragraph()
@@ -235,9 +247,14 @@ def _sections(text: str, clock: _Clock) -> list[_Section]:
             block_start = start
         block_end = end
     if fence is not None:  # an unclosed fence runs to the end of the document
-        sections[-1].blocks.append((fence[2], len(text.rstrip()), False))
+        section.blocks.append((fence[2], len(text.rstrip()), False))
     close_paragraph()
-    return [s for s in sections if s.blocks]
+    if section.blocks:
+        yield section
+
+
+# First characters of a line that can open a fence or a heading.
+_MAY_OPEN = frozenset(" \t`~#")
 
 
 def _fence_opener(line: str) -> tuple[str, int] | None:
@@ -332,9 +349,18 @@ def _priority(text: str, start: int, end: int, tokens: int) -> float:
         key = text[start:end]
     else:
         key = text[start : start + _KEY_CHARS] + text[end - _KEY_CHARS : end]
-    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
-    uniform = (int.from_bytes(digest, "big") + 1) / 2.0**64
-    return math.log(uniform) / max(tokens, 1)
+    mark = _MARKS.get(key)
+    if mark is None:
+        if len(_MARKS) >= _MARKS_KEPT:
+            _MARKS.clear()
+        digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+        mark = _MARKS[key] = math.log((int.from_bytes(digest, "big") + 1) / 2.0**64)
+    return mark / max(tokens, 1)
+
+
+# log(uniform) of recent unit keys: a table or a listing repeats the same short lines.
+_MARKS: dict[str, float] = {}
+_MARKS_KEPT = 4096
 
 
 def _units(
@@ -350,8 +376,8 @@ def _units(
     """
     units: list[_Unit] = []
     for start, end, glue in blocks:
-        for s, e, n in _fitting_spans(text, start, end, counter, budget, 0, known):
-            units.append(_Unit(s, e, n, _priority(text, s, e, n)))
+        spans = _fitting_spans(text, start, end, counter, budget, 0, known)
+        units.extend(_Unit(s, e, n, _priority(text, s, e, n)) for s, e, n in spans)
         known = None
         if glue:
             units[-1] = units[-1]._replace(priority=-math.inf)
@@ -372,7 +398,7 @@ def _fitting_spans(
     `n` is the span's token count if known. Each level counts every character once.
     """
     if n is None:
-        n = counter(text[start:end])
+        n = budget + 1 if end - start > _SURELY_OVER * budget else counter(text[start:end])
     if n <= budget:
         return [(start, end, n)]
     if level == 0:
@@ -380,12 +406,16 @@ def _fitting_spans(
     elif level == 1:
         parts = _regex_spans(text, start, end, _SENTENCE_END)
     else:
-        return windows(text, start, end, counter, budget, n)
+        return windows(text, start, end, counter, budget, n, _SURELY_OVER * budget)
     if len(parts) <= 1:
         return _fitting_spans(text, start, end, counter, budget, level + 1, n)
     spans = []
     for s, e in parts:
-        spans.extend(_fitting_spans(text, s, e, counter, budget, level + 1))
+        m = counter(text[s:e]) if e - s <= _SURELY_OVER * budget else budget + 1
+        if m <= budget:  # the usual case, without a call
+            spans.append((s, e, m))
+        else:
+            spans.extend(_fitting_spans(text, s, e, counter, budget, level + 1, m))
     return spans
 
 
@@ -444,12 +474,13 @@ def _chunk_section(
     heading = section.heading
     path = heading.path if heading else ""
     body = text[section.blocks[0][0] : section.blocks[-1][1]]
-    long_path = heading is not None and len(path) > len(body)
-    tokens = _count_embed(
-        counter, path, _path_tokens(heading, counter) if long_path and heading else None, body
-    )
-    if tokens <= target_tokens:  # the common case for small pages: one count, one chunk
-        return [(path, body, tokens)]
+    tokens = None
+    if len(body) <= _SURELY_OVER * target_tokens:
+        long_path = heading is not None and len(path) > len(body)
+        path_tokens = _path_tokens(heading, counter) if long_path and heading else None
+        tokens = _count_embed(counter, path, path_tokens, body)
+        if tokens <= target_tokens:  # the common case for small pages: one count, one chunk
+            return [(path, body, tokens)]
     path, prefix = _path_cut(heading, counter, max_tokens // 2)
     known = tokens if not path and len(section.blocks) == 1 else None
     units = _units(text, section.blocks, counter, max(1, max_tokens - prefix), known)
