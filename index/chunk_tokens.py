@@ -2,7 +2,8 @@
 
 Every function here reads each character it is given a bounded number of times, whatever the
 text, so chunking stays linear on hostile input: a long run without whitespace (a data URI, an
-inline image) is cut with one pass over the tokenizer's offsets, never by re-counting prefixes.
+inline image) is cut from one pass over the tokenizer's offsets (then, once its density is known,
+at guessed lengths that are only counted), never by re-counting prefixes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ _CACHE_ENTRY = 64
 # differently, so no cut is placed within _MARGIN characters of it.
 _SLICE = 1 << 15
 _MARGIN = 128
+# A guessed piece aims at this fraction of the budget, so that most guesses fit.
+_GUESS = 0.9
 
 
 class Tokenizer(Protocol):
@@ -127,20 +130,32 @@ def word_offsets(text: str, count: TokenCounter) -> list[tuple[int, int]]:
 
 
 def token_pieces(text: str, start: int, end: int, counter: Counter, budget: int) -> Iterator[Span]:
-    """Consecutive pieces of text[start:end] of at most `budget` tokens, cut where a token starts.
+    """Consecutive pieces of text[start:end] of at most `budget` tokens, each counted for real.
 
-    One pass over the tokenizer's offsets (in slices); each piece is then counted once for real,
-    since a piece on its own may tokenize a little differently than inside the whole, and is
-    shortened in the rare case it is over. A piece is at least one character.
+    Pieces are cut where a token starts, from one pass over the tokenizer's offsets (in slices),
+    and each is then counted once, since a piece on its own may tokenize a little differently
+    than inside the whole (it is shortened in the rare case it is over). Once pieces are known to
+    hold about `ratio` characters a token, the next piece is guessed at that length and only
+    counted, which reads the text once instead of twice; after a guess over the budget, one piece
+    is cut from offsets again. A piece is at least one character.
     """
-    pos, size = start, _SLICE
+    pos, size, ratio = start, _SLICE, 0.0
     while pos < end:
+        most = None  # pieces to take from this slice
+        if ratio:
+            guessed = _guess(text, pos, end, counter, budget, ratio)
+            if guessed is not None:
+                yield guessed
+                ratio = (ratio + (guessed[1] - pos) / max(guessed[2], 1)) / 2
+                pos = guessed[1]
+                continue
+            size, most = min(_SLICE, max(4 * _MARGIN, int(3 * ratio * budget))), 1
         stop = min(end, pos + size)
         starts = _token_starts(counter.offsets(text[pos:stop]), pos)
         last = stop == end
         limit = end if last else stop - _MARGIN
-        piece, k = pos, 0  # the current piece starts at `piece`, with token k
-        while piece < end:
+        piece, k, tokens = pos, 0, 0  # the current piece starts at `piece`, with token k
+        while piece < end and most != 0:
             if k + budget < len(starts) and starts[k + budget] <= limit:
                 taken, cut = budget, starts[k + budget]
             elif last:
@@ -148,8 +163,10 @@ def token_pieces(text: str, start: int, end: int, counter: Counter, budget: int)
             else:
                 break
             n = counter(text[piece:cut])
+            over = n - budget  # first drop the excess, then halve
             while n > budget and taken > 1:
-                taken = max(1, min(taken - (n - budget), taken // 2 + 1, taken - 1))
+                taken = max(1, taken - over if over else taken // 2)
+                over = 0
                 cut = starts[k + taken]
                 n = counter(text[piece:cut])
             if n > budget:  # one token alone is over: a character is the least a piece can be
@@ -159,10 +176,29 @@ def token_pieces(text: str, start: int, end: int, counter: Counter, budget: int)
                 piece = cut
                 break  # the slice's offsets no longer line up with `piece`: slice again
             yield piece, cut, n
+            tokens += n
             piece, k = cut, k + taken
+            most = None if most is None else most - 1
+        ratio = (piece - pos) / tokens if tokens else 0.0
         # No cut fitted in the slice (a few very long tokens): a longer slice has room for one.
         size = size * 2 if piece == pos else _SLICE
         pos = piece
+
+
+def _guess(
+    text: str, pos: int, end: int, counter: Counter, budget: int, ratio: float
+) -> Span | None:
+    """A piece from `pos` guessed from `ratio` characters a token, or None (over, or the end)."""
+    length = ratio * budget * _GUESS
+    for _ in range(2):  # a guess, then one correction scaled by its count
+        cut = pos + max(1, min(_SLICE, int(length)))
+        if cut >= end:
+            return None
+        n = counter(text[pos:cut])
+        if n <= budget:
+            return pos, cut, n
+        length *= budget * _GUESS / n
+    return None
 
 
 def _token_starts(offsets: list[tuple[int, int]], base: int) -> list[int]:
