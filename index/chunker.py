@@ -82,7 +82,7 @@ class _Unit(NamedTuple):
     priority: float  # higher = better place to cut right after this unit
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Heading:
     """A heading with a title, and the path of titles down to it (counted once, when needed)."""
 
@@ -93,7 +93,7 @@ class _Heading:
     cut: tuple[str, int] | None = None  # the path within the title budget, and its tokens
 
 
-@dataclass
+@dataclass(slots=True)
 class _Section:
     heading: _Heading | None
     blocks: list[tuple[int, int, bool]]  # (start, end, glue-to-next)
@@ -170,8 +170,8 @@ def chunk_document(
     chunks = []
     for ordinal, (path, body, tokens) in enumerate(pieces):
         clock.tick()
-        occurrence = seen.get((path, body), 0)
-        seen[(path, body)] = occurrence + 1
+        key = (path, body)
+        occurrence = seen[key] = seen.get(key, -1) + 1
         raw = "\x00".join((tenant, doc_id, path, body, str(occurrence)))
         chunk_id = hashlib.sha256(raw.encode("utf-8")).hexdigest()[:32]
         chunks.append(Chunk(chunk_id, ordinal, path, body, tokens))
@@ -218,12 +218,12 @@ def _sections(text: str, clock: _Clock) -> Iterator[_Section]:
                 fence = None
             continue
         lead = line[:1]
-        opener = _fence_opener(line) if lead in _MAY_OPEN else None
+        opener = _fence_opener(line) if lead in _MAY_FENCE else None
         if opener:
             close_paragraph()
             fence = (*opener, start)
             continue
-        heading = _heading(line) if lead in _MAY_OPEN else None
+        heading = _heading(line) if lead in _MAY_HEAD else None
         if heading:
             close_paragraph()
             if section.blocks:
@@ -253,8 +253,9 @@ def _sections(text: str, clock: _Clock) -> Iterator[_Section]:
         yield section
 
 
-# First characters of a line that can open a fence or a heading.
-_MAY_OPEN = frozenset(" \t`~#")
+# First characters of a line that can open a fence, or be a heading.
+_MAY_FENCE = frozenset(" \t`~")
+_MAY_HEAD = frozenset(" #")
 
 
 def _fence_opener(line: str) -> tuple[str, int] | None:
@@ -619,7 +620,10 @@ def _exact(
     differently, so each chunk is counted once for real and split further in the rare overflow.
     """
     body = text[units[0].start : units[-1].end]
-    tokens = _count_embed(counter, path, prefix, body)
+    if len(units) == 1 and not path:  # the unit's own text, counted when it was made
+        tokens = units[0].tokens
+    else:
+        tokens = _count_embed(counter, path, prefix, body)
     if tokens <= max_tokens:
         return [(path, body, tokens)]
     if len(units) > 1:
