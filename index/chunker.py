@@ -139,7 +139,8 @@ def chunk_document(
     in one pass) or from a plain `count_tokens` counter (offsets are then estimated word by word).
     `tokens` of each chunk counts its `embed_text` (section path + text). Identical input gives
     identical chunks; whitespace-only input gives none. Past `budget_s` seconds of wall time,
-    ChunkBudgetExceeded is raised. Time is linear in the document's size for any text.
+    ChunkBudgetExceeded is raised. Work grows with the document's size as n log n at worst
+    (linearly in tokenizer reads), whatever the text.
     """
     if (count_tokens is None) == (tokenizer is None):
         raise ChunkerError("give exactly one of count_tokens and tokenizer")
