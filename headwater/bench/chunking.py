@@ -4,8 +4,9 @@ A document the limits allow (2 MB) must not stall the indexer (issue 11). Each a
 below is generated at several sizes up to 2 MB and chunked with the real tokenizer and the
 IndexWriter's limits; ordinary Markdown (real tldr pages and rust-book chapters, concatenated to
 the same sizes) is chunked in the same run, between the classes, so a load change on the shared
-machine hits both alike. Reported per class and size: seconds per MB, the ratio to ordinary text
-of that size (target ≤ 3), and the characters the tokenizer was asked to read per character of
+machine hits both alike; every input is timed `repeat` times and its fastest run kept. Reported
+per class and size: seconds per MB, the ratio to ordinary text of that size (target ≤ 3 for
+every class at every size), and the characters the tokenizer was asked to read per character of
 the document (a constant when chunking is linear). No stack is needed.
 """
 
@@ -116,8 +117,8 @@ CLASSES: dict[str, tuple[str, Callable[[int], str]]] = {
 
 def params(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"sizes": [65_536, 262_144], "classes": None}
-    return {"sizes": [250_000, 1_000_000, 2_000_000], "classes": None}
+        return {"sizes": [65_536, 262_144], "classes": None, "repeat": 2}
+    return {"sizes": [250_000, 1_000_000, 2_000_000], "classes": None, "repeat": 2}
 
 
 @functools.cache
@@ -163,28 +164,38 @@ class _Reading:
         return self.embedder.token_offsets(text)
 
 
-def _measure(tokenizer: _Reading, text: str, limits: tuple[int, int]) -> dict[str, Any]:
+def _measure(
+    tokenizer: _Reading, text: str, limits: tuple[int, int], repeat: int
+) -> dict[str, Any]:
+    """The fastest of `repeat` runs (another process's burst slows one run, never speeds it)."""
     from index.chunker import chunk_document
 
-    tokenizer.chars = 0
-    t0, c0 = time.perf_counter(), time.process_time()
-    chunks = chunk_document(
-        "default", "bench.md", text, tokenizer=tokenizer,
-        target_tokens=limits[0], max_tokens=limits[1],
-    )  # fmt: skip
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    mb = max(len(text), 1) / MB
-    return {
-        "chars": len(text),
-        "seconds": round(wall, 3),
-        "s_per_mb": round(wall / mb, 3),
-        "cpu_s_per_mb": round(cpu / mb, 3),
-        "chunks": len(chunks),
-        "tokenized_per_char": round(tokenizer.chars / max(len(text), 1), 2),
-    }
+    best: dict[str, Any] = {}
+    for _ in range(repeat):
+        tokenizer.chars = 0
+        t0, c0 = time.perf_counter(), time.process_time()
+        chunks = chunk_document(
+            "default", "bench.md", text, tokenizer=tokenizer,
+            target_tokens=limits[0], max_tokens=limits[1],
+        )  # fmt: skip
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if best and wall >= best["seconds"]:
+            continue
+        mb = max(len(text), 1) / MB
+        best = {
+            "chars": len(text),
+            "seconds": round(wall, 3),
+            "s_per_mb": round(wall / mb, 3),
+            "cpu_s_per_mb": round(cpu / mb, 3),
+            "chunks": len(chunks),
+            "tokenized_per_char": round(tokenizer.chars / max(len(text), 1), 2),
+        }
+    return best
 
 
-def run(ctx: BenchContext, *, sizes: list[int], classes: list[str] | None) -> dict[str, Any]:
+def run(
+    ctx: BenchContext, *, sizes: list[int], classes: list[str] | None, repeat: int = 2
+) -> dict[str, Any]:
     started = time.monotonic()
     names = list(classes or CLASSES)
     unknown = [n for n in names if n not in CLASSES]
@@ -195,7 +206,7 @@ def run(ctx: BenchContext, *, sizes: list[int], classes: list[str] | None) -> di
     # The IndexWriter's limits (room for [CLS] and [SEP]).
     max_tokens = max(32, embedder.max_tokens - 2)
     limits = (min(ctx.settings.chunk_tokens, max_tokens), max_tokens)
-    _measure(tokenizer, ordinary(20_000), limits)  # warm-up: first calls allocate
+    _measure(tokenizer, ordinary(20_000), limits, 1)  # warm-up: first calls allocate
     results: dict[str, dict[str, Any]] = {name: {} for name in names}
     baseline: dict[str, Any] = {}
     for size in sorted(sizes):
@@ -203,28 +214,32 @@ def run(ctx: BenchContext, *, sizes: list[int], classes: list[str] | None) -> di
         runs = []
         for i, name in enumerate(names):
             if i % ORDINARY_EVERY == 0:
-                runs.append(_measure(tokenizer, plain, limits))
+                runs.append(_measure(tokenizer, plain, limits, repeat))
             text = CLASSES[name][1](size)
-            results[name][str(size)] = _measure(tokenizer, text, limits)
+            results[name][str(size)] = _measure(tokenizer, text, limits, repeat)
             log.info("chunking %s at %d: %s", name, size, results[name][str(size)])
-        runs.append(_measure(tokenizer, plain, limits))
+        runs.append(_measure(tokenizer, plain, limits, repeat))
         base = statistics.median(r["s_per_mb"] for r in runs)
         baseline[str(size)] = {**runs[-1], "s_per_mb": round(base, 3),
                                "s_per_mb_runs": [r["s_per_mb"] for r in runs]}  # fmt: skip
         for name in names:
             r = results[name][str(size)]
             r["ratio"] = round(r["s_per_mb"] / base, 2) if base else None
-    top = str(max(sizes))
-    worst = max(names, key=lambda n: results[n][top]["ratio"] or 0.0)
+    # The worst ratio over every class and size is the headline; the target holds for all.
+    worst, at = max(
+        ((n, str(s)) for n in names for s in sizes), key=lambda k: results[k[0]][k[1]]["ratio"] or 0
+    )
     figures = {
         "sizes": sorted(sizes),
+        "repeat": repeat,
         "limits": {"target_tokens": limits[0], "max_tokens": limits[1]},
         "target_ratio": TARGET_RATIO,
         "ordinary": baseline,
         "classes": {n: {"what": CLASSES[n][0], **results[n]} for n in names},
         "worst_class": worst,
-        "ratio": results[worst][top]["ratio"],
-        "met": all((results[n][top]["ratio"] or 0.0) <= TARGET_RATIO for n in names),
+        "worst_size": int(at),
+        "ratio": results[worst][at]["ratio"],
+        "met": (results[worst][at]["ratio"] or 0.0) <= TARGET_RATIO,
     }
     write_result(ctx, NAME, figures, started)
     return figures

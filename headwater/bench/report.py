@@ -166,13 +166,13 @@ def _summary(name: str, d: dict[str, Any]) -> list[str]:
             f" | n/a |"
         ]
     if name == "chunking":
-        top = str(max(d["sizes"]))
-        worst = d["classes"][d["worst_class"]][top]
+        at = str(d.get("worst_size", max(d["sizes"])))
+        worst = d["classes"][d["worst_class"]][at]
         return [
-            f"| chunking ≤ 3 × ordinary s/MB | slowest of {len(d['classes'])} hostile classes at "
-            f"{_mb(top)}: **{_num(worst['s_per_mb'])} s/MB** ({d['worst_class']}), ratio **"
-            f"{_num(d['ratio'])}** | ordinary Markdown: {_num(d['ordinary'][top]['s_per_mb'])} "
-            f"s/MB | {_ok(d['met'])} |"
+            f"| chunking ≤ 3 × ordinary s/MB | worst of {len(d['classes'])} hostile classes × "
+            f"{len(d['sizes'])} sizes: **{_num(worst['s_per_mb'])} s/MB** ({d['worst_class']} at "
+            f"{_mb(at)}), ratio **{_num(d['ratio'])}** | ordinary Markdown at {_mb(at)}: "
+            f"{_num(d['ordinary'][at]['s_per_mb'])} s/MB | {_ok(d['met'])} |"
         ]
     return []
 
@@ -189,8 +189,9 @@ def _chunking(d: dict[str, Any]) -> list[str]:
         f"Seconds per MB of `chunk_document` with the real tokenizer (target {lim['target_tokens']}"
         f", max {lim['max_tokens']} tokens), each hostile class beside ordinary Markdown (tldr "
         "pages and rust-book chapters concatenated to the same size) timed between the classes "
-        "in the same run (median of its runs); in brackets the ratio to ordinary. `read/char`: "
-        "characters the tokenizer was asked to read per character of the document.",
+        f"in the same run (median of its runs); each the fastest of {d.get('repeat', 1)} runs; in "
+        "brackets the ratio to ordinary. `read/char`: characters the tokenizer was asked to "
+        "read per character of the document (at the largest size).",
         "",
         "| input | " + " | ".join(_mb(s) for s in sizes) + " | read/char | chunks |",
         "| --- | " + " | ".join("---" for _ in sizes) + " | --- | --- |",
