@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.common import DEFAULT_OUT, REPO
 
-NAMES = ("freshness", "ingest", "incremental", "query", "lora")
+NAMES = ("freshness", "ingest", "incremental", "query", "lora", "chunking")
 MARKER = "<!-- notes: hand-written below this line; `headwater bench report` keeps it -->"
 
 
@@ -54,7 +54,7 @@ def write(out: Path) -> Path:
         "has 2 cores shared with other work, so absolute numbers move from run to run and "
         "only same-run comparisons are meaningful. Targets: freshness p99 ≤ 2 s, ingest ≥ "
         "0.9 × bare embedder, incremental ≤ 0.1 × whole-document embeddings, query p99 ≤ 30 "
-        "ms at 100k chunks.",
+        "ms at 100k chunks, chunking of hostile Markdown ≤ 3 × ordinary Markdown's s/MB.",
         "",
     ]
     for folder, title in sections:
@@ -165,7 +165,51 @@ def _summary(name: str, d: dict[str, Any]) -> list[str]:
             f"{_num(swap.get('first_ms'))} ms first, ≤ {_num(swap.get('later_max_ms'))} ms later"
             f" | n/a |"
         ]
+    if name == "chunking":
+        at = str(d.get("worst_size", max(d["sizes"])))
+        worst = d["classes"][d["worst_class"]][at]
+        return [
+            f"| chunking ≤ 3 × ordinary s/MB | worst of {len(d['classes'])} hostile classes × "
+            f"{len(d['sizes'])} sizes: **{_num(worst['s_per_mb'])} s/MB** ({d['worst_class']} at "
+            f"{_mb(at)}), ratio **{_num(d['ratio'])}** | ordinary Markdown at {_mb(at)}: "
+            f"{_num(d['ordinary'][at]['s_per_mb'])} s/MB | {_ok(d['met'])} |"
+        ]
     return []
+
+
+def _mb(size: str | int) -> str:
+    return f"{int(size) / 1e6:g} MB"
+
+
+def _chunking(d: dict[str, Any]) -> list[str]:
+    sizes = [str(s) for s in d["sizes"]]
+    top = sizes[-1]
+    lim = d["limits"]
+    lines = [
+        f"Seconds per MB of `chunk_document` with the real tokenizer (target {lim['target_tokens']}"
+        f", max {lim['max_tokens']} tokens), each hostile class beside ordinary Markdown (tldr "
+        "pages and rust-book chapters concatenated to the same size) timed between the classes "
+        f"in the same run (median of its runs); each the fastest of {d.get('repeat', 1)} runs; in "
+        "brackets the ratio to ordinary. `read/char`: characters the tokenizer was asked to "
+        "read per character of the document (at the largest size).",
+        "",
+        "| input | " + " | ".join(_mb(s) for s in sizes) + " | read/char | chunks |",
+        "| --- | " + " | ".join("---" for _ in sizes) + " | --- | --- |",
+    ]
+    base = d["ordinary"]
+    lines.append(
+        "| ordinary Markdown | "
+        + " | ".join(_num(base[s]["s_per_mb"]) for s in sizes)
+        + f" | {_num(base[top]['tokenized_per_char'])} | {base[top]['chunks']:,} |"
+    )
+    for name, c in d["classes"].items():
+        cells = [f"{_num(c[s]['s_per_mb'])} ({_num(c[s]['ratio'])})" for s in sizes]
+        lines.append(
+            f"| {name}: {c['what']} | "
+            + " | ".join(cells)
+            + f" | {_num(c[top]['tokenized_per_char'])} | {c[top]['chunks']:,} |"
+        )
+    return [*lines, ""]
 
 
 def _img(folder: Path, name: str, base: Path) -> list[str]:
@@ -336,4 +380,6 @@ def _detail(name: str, d: dict[str, Any], folder: Path, base: Path) -> list[str]
             )
         swap = d.get("swap") or {}
         lines += ["", f"Adapter swaps into a serving generator (ms): {swap.get('ms', swap)}.", ""]
+    elif name == "chunking":
+        lines += _chunking(d)
     return lines + _img(folder, name, base)

@@ -96,6 +96,10 @@ class ChunkerError(InvalidInput):
     """Chunking parameters that cannot work, or a document the chunker refuses."""
 
 
+class ChunkBudgetExceeded(ChunkerError):
+    """Chunking one document took longer than its `budget_s`; the message is one line."""
+
+
 class EmbedderError(HeadwaterError):
     """The embedding model could not be loaded or failed to embed."""
 

@@ -9,11 +9,16 @@ from __future__ import annotations
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from headwater.errors import EmbedderError
 from headwater.settings import DEFAULT_EMBEDDER, Settings
+from index.chunk_tokens import word_offsets
+
+# Counting a text longer than this skips the offsets the tokenizer would track (about 2x faster).
+_LONG_TEXT = 2048
 
 
 def model_path(name: str) -> str:
@@ -54,6 +59,7 @@ class Embedder:
         self.model_id = model_slug(name)
         self.max_tokens: int = int(self.model.max_seq_length or 256)
         self.tokenizer = self.model.tokenizer
+        self._plain = _plain_copy(self.tokenizer)
         # torch modules are not safe to call from several threads at once (gateway + consumer).
         self._lock = threading.Lock()
 
@@ -73,8 +79,37 @@ class Embedder:
 
     def count_tokens(self, text: str) -> int:
         """Word pieces the model sees for `text` (without special tokens)."""
-        # verbose=False: counting a whole section may exceed the model window; that is the point.
-        return len(self.tokenizer.encode(text, add_special_tokens=False, verbose=False))
+        if self._plain is None:
+            # verbose=False: a whole section may exceed the model window; that is the point.
+            return len(self.tokenizer.encode(text, add_special_tokens=False, verbose=False))
+        fast = getattr(self._plain, "encode_batch_fast", None)
+        if fast is not None and len(text) > _LONG_TEXT:
+            return len(fast([text], add_special_tokens=False)[0])
+        return len(self._plain.encode(text, add_special_tokens=False))
+
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character (start, end) of each word piece of `text`: where the chunker may cut it."""
+        if self._plain is None:  # a slow tokenizer has no offsets: estimate them per word
+            return word_offsets(text, self.count_tokens)
+        return self._plain.encode(text, add_special_tokens=False).offsets
+
+
+def _plain_copy(tokenizer: Any) -> Any | None:
+    """A private copy of a fast tokenizer's backend, without truncation or padding; else None.
+
+    The transformers wrapper reconfigures its backend's truncation on every call (model.encode
+    truncates to the window), so counting through it costs ~10x per call and races with another
+    thread's encode; the copy is never reconfigured.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.no_truncation()
+    plain.no_padding()
+    return plain
 
 
 def load_embedder(settings: Settings) -> Embedder:

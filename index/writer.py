@@ -68,7 +68,7 @@ class IndexWriter:
             event.tenant,
             event.doc_id,
             event.text or "",
-            count_tokens=self.embedder.count_tokens,
+            tokenizer=self.embedder,
             target_tokens=self.target_tokens,
             max_tokens=self.max_tokens,
         )

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import freshness, incremental, ingest, lora, query, report
+from bench import chunking, freshness, incremental, ingest, lora, query, report
 from bench.common import BenchContext, CountingEmbedder, VectorMemo, percentiles
+from headwater.settings import Settings
 from service.cli import build_parser
 
 COMMON_KEYS = {"benchmark", "command", "quick", "date", "git", "machine", "wall_s"}
@@ -39,6 +40,7 @@ def test_cli_parses_bench_commands() -> None:
     args = build_parser().parse_args(["bench", "all", "--quick", "--out", "x"])
     assert (args.name, args.quick, args.out) == (["all"], True, Path("x"))
     assert build_parser().parse_args(["bench", "query", "lora"]).name == ["query", "lora"]
+    assert build_parser().parse_args(["bench", "chunking"]).name == ["chunking"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "nonsense"])
 
@@ -115,6 +117,36 @@ def test_lora_and_first_token_quick(ctx) -> None:
     assert q["first_token"]["n"] == 1 and q["first_token"]["p50_s"] > 0
 
 
+def test_chunking_quick(embedder, tmp_path: Path) -> None:
+    # No stack: chunking needs none, and `headwater bench chunking` starts none.
+    from headwater.commands.bench import needs_stack
+
+    assert not needs_stack("chunking") and needs_stack("ingest")
+    ctx = BenchContext(settings=Settings(), quick=True, out_dir=tmp_path / "out", command="t")
+    ctx._embedder = embedder
+    f = chunking.run(ctx, sizes=[4_000, 16_000], classes=["heading-spaces", "data-uri"], repeat=1)
+    doc = _result(ctx, "chunking", {"sizes", "ordinary", "classes", "ratio", "worst_class"})
+    assert doc["sizes"] == [4_000, 16_000] and set(doc["classes"]) == {"heading-spaces", "data-uri"}
+    for c in f["classes"].values():
+        for size in ("4000", "16000"):
+            assert c[size]["s_per_mb"] > 0 and c[size]["ratio"] is not None
+    assert f["ordinary"]["16000"]["chunks"] > 1
+    worst = f["classes"][f["worst_class"]]
+    assert (
+        f["ratio"]
+        == worst[str(f["worst_size"])]["ratio"]
+        == max(c[s]["ratio"] for c in f["classes"].values() for s in ("4000", "16000"))
+    )
+    text = report.write(ctx.out_dir).read_text()
+    assert "| chunking ≤ 3 × ordinary s/MB |" in text and "| data-uri: " in text
+
+
+def test_chunking_inputs_have_their_sizes() -> None:
+    for name, (_, make) in chunking.CLASSES.items():
+        text = make(50_000)
+        assert 40_000 <= len(text) <= 50_000, name
+
+
 def test_report_renders_results(tmp_path: Path) -> None:
     machine = {"cores": 2, "cpu": "x", "memory_gib": 1, "os": "linux", "python": "3.11",
                "torch": "2", "torch_threads": 2, "loadavg": [1.0, 1.0, 1.0]}  # fmt: skip
@@ -146,6 +178,7 @@ def test_overrides_are_checked() -> None:
         "freshness": {"rate": 5, "snapshot": "touched"},
         "ingest": {"docs": 100},
     }
+    assert parse_overrides(["chunking.sizes=[1000]"]) == {"chunking": {"sizes": [1000]}}
     for bad in ("rate=5", "nosuch.rate=5", "freshness.nosuch=1", "freshness.rate"):
         with pytest.raises(ValueError, match="--set"):
             parse_overrides([bad])
