@@ -119,7 +119,7 @@ def test_lora_and_first_token_quick(ctx) -> None:
 
 def test_chunking_quick(embedder, tmp_path: Path) -> None:
     # No stack: chunking needs none, and `headwater bench chunking` starts none.
-    from headwater.commands.bench import needs_stack
+    from service.commands.bench import needs_stack
 
     assert not needs_stack("chunking") and needs_stack("ingest")
     ctx = BenchContext(settings=Settings(), quick=True, out_dir=tmp_path / "out", command="t")
