@@ -104,7 +104,7 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
 def needs_stack(name: str) -> bool:
     import importlib
 
-    return getattr(importlib.import_module(f"headwater.bench.{name}"), "STACK", True)
+    return getattr(importlib.import_module(f"bench.{name}"), "STACK", True)
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
