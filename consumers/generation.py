@@ -78,7 +78,11 @@ class Generation(Iterator[str]):
             raise
 
     def close(self) -> None:
+        """Stop generating and wait for the model to let go (it checks between tokens)."""
         self._cancel.event.set()
+        if self._thread is not threading.current_thread():
+            # A model still running in a daemon thread when the interpreter exits aborts it.
+            self._thread.join(timeout=30)
 
     def __enter__(self) -> Generation:
         return self

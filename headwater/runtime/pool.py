@@ -66,6 +66,9 @@ class PoolLoop(Generic[T]):
         self.offsets = Offsets()
         self._finished: queue.SimpleQueue[tuple[TopicPartition, int, bool]] = queue.SimpleQueue()
         self._cancel = threading.Event()
+        # Records being handled, across rebalances (Offsets forgets a revoked partition's).
+        self._running: set[tuple[TopicPartition, int]] = set()
+        self._lock = threading.Lock()
         self.member = GroupMember(
             settings, topics, group=group, client_id=client_id, max_poll_records=workers,
             on_revoked=self.offsets.forget, on_assigned=on_assigned,
@@ -93,6 +96,10 @@ class PoolLoop(Generic[T]):
                 for record in records:
                     tp = TopicPartition(record.topic, record.partition)
                     self.offsets.start(tp, record.offset)
+                    with self._lock:
+                        if (tp, record.offset) in self._running:
+                            continue  # polled again after a rebalance gave it back: in hand
+                        self._running.add((tp, record.offset))
                     pool.submit(self._work, record, stop)
                 self._commit()
             pool.shutdown(wait=False)
@@ -138,6 +145,8 @@ class PoolLoop(Generic[T]):
         except Exception:  # a bug in a handler: never commit past its record
             log.exception("%s: handling %s@%d failed", self.member.group, tp, record.offset)
         finally:
+            with self._lock:
+                self._running.discard((tp, record.offset))
             self._finished.put((tp, record.offset, done))
 
     def _handle(self, item: T, record: ConsumerRecord, out: Outbox) -> None:
