@@ -10,7 +10,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-GRACE_S = 30.0
+GRACE_S = 60.0
 
 
 def stop_on_signals(grace_s: float = GRACE_S) -> threading.Event:
