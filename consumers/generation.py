@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from prometheus_client import Counter, Histogram
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from headwater.errors import GenerationError
@@ -27,6 +29,16 @@ log = logging.getLogger(__name__)
 Message = dict[str, str]
 
 _CURRENT = object()  # "the adapter that is current when the generation starts"
+
+TOKENS = Counter("headwater_generated_tokens_total", "Tokens generated for answers")
+SPEED = Histogram(
+    "headwater_generation_tokens_per_second",
+    "Generation speed of one answer (new tokens / generation time)",
+    buckets=(1, 2, 5, 10, 20, 40, 80, 160, 320, 640),
+)
+ADAPTER = Counter(
+    "headwater_adapter_swaps_total", "Adapter versions made current (hot swaps)", ["version"]
+)
 
 
 class _Cancel(StoppingCriteria):
@@ -156,6 +168,7 @@ class Generator:
             if previous is not None and previous != version:
                 self._retired.add(previous)
         if previous != version:
+            ADAPTER.labels(version or "<base>").inc()
             log.info("serving adapter %s (was %s)", version or "<base>", previous or "<base>")
         with self._model_lock:
             self._unload_unused()
@@ -225,15 +238,17 @@ class Generator:
                     stopping_criteria=StoppingCriteriaList([cancel]),
                     pad_token_id=self._pad_id(),
                 )
+                t0 = time.monotonic()
                 with torch.inference_mode():
                     if version is not None:
                         self.model.set_adapter(version)
-                        self.model.generate(**kwargs)
+                        out = self.model.generate(**kwargs)
                     elif self.model is not self.base and self.loaded:
                         with self.model.disable_adapter():
-                            self.model.generate(**kwargs)
+                            out = self.model.generate(**kwargs)
                     else:
-                        self.base.generate(**kwargs)
+                        out = self.base.generate(**kwargs)
+                _count(out.shape[-1] - inputs["input_ids"].shape[-1], time.monotonic() - t0)
             finally:
                 with self._state_lock:
                     self._users[version] -= 1
@@ -244,6 +259,12 @@ class Generator:
         if tok.pad_token_id is not None:
             return tok.pad_token_id
         return tok.eos_token_id
+
+
+def _count(tokens: int, seconds: float) -> None:
+    if tokens > 0:
+        TOKENS.inc(tokens)
+        SPEED.observe(tokens / max(seconds, 1e-6))
 
 
 def load_generator(settings: Settings) -> Generator | None:

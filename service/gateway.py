@@ -34,6 +34,8 @@ from starlette.concurrency import run_in_threadpool
 from headwater import __version__
 from headwater.errors import Busy, Forbidden, InvalidInput, Timeout, Unavailable
 from headwater.events import TENANT_RE, AnswerEvent, Scalar
+from headwater.health import Health
+from headwater.probes import bearer_ok, guard_exposure, probe_body
 from headwater.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -108,8 +110,13 @@ def create_app(
     subscriptions: Any = None,
     registry: CollectorRegistry = REGISTRY,
     on_shutdown: list[Callable[[], None]] | None = None,
+    health: Health | None = None,
 ) -> FastAPI:
-    """The API around these collaborators (Searcher, DocumentPublisher, QueryClient, ...)."""
+    """The API around these collaborators (Searcher, DocumentPublisher, QueryClient, ...).
+
+    `health` answers /healthz, /readyz and /livez (Kafka and Milvus reachable, checked in the
+    background); without one they only say the process answers.
+    """
     closers = list(on_shutdown or [])
 
     @asynccontextmanager
@@ -342,12 +349,29 @@ def create_app(
         return EventSourceResponse(events())
 
     # -- operations --------------------------------------------------------------------------
-    @app.get("/healthz", tags=["operations"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok", "version": __version__}
+    def _probe(ok: bool, results: dict) -> JSONResponse:
+        body = {**probe_body(ok, results), "version": __version__}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/healthz", tags=["operations"], summary="Ready: Kafka and Milvus reachable")
+    @app.get("/readyz", tags=["operations"], include_in_schema=False)
+    def healthz() -> JSONResponse:
+        return _probe(*(health.ready() if health is not None else (True, {})))
+
+    @app.get("/livez", tags=["operations"], summary="The process answers")
+    def livez() -> JSONResponse:
+        return _probe(*(health.live() if health is not None else (True, {})))
+
+    metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
-    def metrics() -> Response:
+    def metrics(authorization: Annotated[str | None, Header()] = None) -> Response:
+        # The metrics token, else (with auth on) the admin token: never a tenant's token.
+        if metrics_token is not None or auth_on:
+            allowed = [t for t in (metrics_token, admin) if t]
+            if not any(bearer_ok(authorization, t) for t in allowed):
+                raise HTTPException(401, "metrics need the metrics (or admin) bearer token",
+                                    headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
@@ -364,7 +388,7 @@ def _hit_dict(hit: Any) -> dict[str, Any]:
 # -- wiring and serving ------------------------------------------------------------------------
 
 
-def build_app(settings: Settings, *, embedder: Any = None) -> FastAPI:
+def build_app(settings: Settings, *, embedder: Any = None, health: Health | None = None) -> FastAPI:
     """The API over the real stack: a Searcher on Milvus, publishers and clients on Kafka."""
     from consumers.replies import QueryClient
     from consumers.subscriptions import SubscriptionClient
@@ -382,17 +406,24 @@ def build_app(settings: Settings, *, embedder: Any = None) -> FastAPI:
         query_client=query_client,
         subscriptions=subscriptions,
         on_shutdown=[query_client.close, subscriptions.close, publisher.close, index.close],
+        health=health,
     )
 
 
-def serve(app: FastAPI, settings: Settings, stop: threading.Event | None = None) -> None:
-    """Run `app` with uvicorn on api_host:api_port until `stop` is set (or a signal arrives)."""
+def serve(
+    app: FastAPI, settings: Settings, stop: threading.Event | None = None, insecure: bool = False
+) -> None:
+    """Run `app` with uvicorn on api_host:api_port until `stop` is set (or a signal arrives).
+
+    Beyond loopback it refuses to start without API tokens, unless `insecure`.
+    """
     import socket
 
     import uvicorn
 
     from headwater.errors import StackError
 
+    guard_api(settings, insecure)
     try:
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -427,6 +458,12 @@ def serve(app: FastAPI, settings: Settings, stop: threading.Event | None = None)
         server.run()
     finally:
         done.set()
+
+
+def guard_api(settings: Settings, insecure: bool) -> None:
+    authenticated = bool(settings.api_tokens) or settings.api_token is not None
+    guard_exposure(settings.api_host, authenticated, "the API",
+                   "HEADWATER_API_TOKENS (or HEADWATER_API_TOKEN)", insecure)  # fmt: skip
 
 
 def _display_host(host: str) -> str:

@@ -11,9 +11,11 @@ import logging
 import threading
 from collections.abc import Callable
 
+from headwater.health import Health
 from headwater.runtime.shutdown import stop_on_signals
 from headwater.settings import Settings
 from service.commands.stack import start_stack
+from service.running import service
 
 log = logging.getLogger("headwater.up")
 
@@ -34,7 +36,17 @@ def _thread(
     return t
 
 
-def run_up(settings: Settings, *, trainer: bool = True) -> int:
+def run_up(settings: Settings, *, trainer: bool = True, insecure: bool = False) -> int:
+    from service.gateway import guard_api
+
+    guard_api(settings, insecure)
+    start_stack(settings)
+    log.info("Kafka at %s, Milvus at %s", settings.bootstrap, settings.milvus_address)
+    with service(settings, insecure=insecure) as health:
+        return _run(settings, health, trainer=trainer, insecure=insecure)
+
+
+def _run(settings: Settings, health: Health, *, trainer: bool, insecure: bool) -> int:
     from consumers.answerer import Answerer
     from consumers.generation import load_generator
     from consumers.indexer import Indexer
@@ -43,8 +55,6 @@ def run_up(settings: Settings, *, trainer: bool = True) -> int:
     from index.index import open_index
     from service.gateway import build_app, serve
 
-    start_stack(settings)
-    log.info("Kafka at %s, Milvus at %s", settings.bootstrap, settings.milvus_address)
     stop = stop_on_signals()
     embedder = load_embedder(settings)
     indexing, standing, querying = (open_index(settings, embedder=embedder) for _ in range(3))
@@ -55,6 +65,8 @@ def run_up(settings: Settings, *, trainer: bool = True) -> int:
     generator = load_generator(settings)
     answerer = Answerer(settings, querying.searcher, generator)
     threads.append(_thread("answerer", answerer.run, stop))
+    if answerer.follower is not None:
+        health.ready_check("adapters", answerer.follower.readiness)
     service = None
     if trainer:
         from trainer.scheduler import TrainerService
@@ -62,7 +74,7 @@ def run_up(settings: Settings, *, trainer: bool = True) -> int:
         service = TrainerService(settings)
         service.start()
     try:
-        serve(build_app(settings, embedder=embedder), settings, stop)
+        serve(build_app(settings, embedder=embedder, health=health), settings, stop, insecure)
     finally:
         stop.set()
         if service is not None:

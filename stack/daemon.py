@@ -31,6 +31,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int, attempts: int = 200) -> int:
+    """The first of `count` consecutive free ports (a local cluster steps its ports from one)."""
+    for _ in range(attempts):
+        first = free_port()
+        if first + count > 65_535:
+            continue
+        held: list[socket.socket] = []
+        try:
+            for port in range(first, first + count):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise StackError(f"found no {count} consecutive free ports")
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -69,6 +90,10 @@ class Daemon:
         env: dict[str, str] | None = None,
     ) -> int:
         """Start argv detached, wait (bounded) until `ready()`; raise StackError otherwise."""
+        return self.wait_ready(self.spawn(argv, env), ready, timeout)
+
+    def spawn(self, argv: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start argv detached and write the pidfile; `wait_ready` then waits for it."""
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
         with open(self.logfile, "ab") as log:
@@ -81,6 +106,10 @@ class Daemon:
                 start_new_session=True,  # survives the CLI and ignores its Ctrl-C
             )
         self.pidfile.write_text(str(proc.pid))
+        return proc
+
+    def wait_ready(self, proc: subprocess.Popen, ready: Callable[[], bool], timeout: float) -> int:
+        """Wait (bounded) until `ready()`; StackError if the process exits or never gets there."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:

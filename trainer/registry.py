@@ -14,13 +14,25 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from filelock import FileLock
+from kafka import KafkaProducer
 from pydantic import BaseModel, Field
 
 from headwater.errors import RegistryError
 from headwater.events import AdapterAnnouncement
 from headwater.runtime.clients import producer
+from headwater.runtime.reader import read_to_end
 from headwater.settings import Settings
-from models.adapters import VERSION_RE, adapter_path, adapters_root, is_complete
+from models.adapters import (
+    VERSION_RE,
+    Manifest,
+    adapter_path,
+    adapters_root,
+    is_complete,
+    manifest_key,
+    pack,
+    sha256,
+    version_of,
+)
 from trainer.drift import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -191,16 +203,79 @@ class Registry:
 
 
 def announce(settings: Settings, version: str | None) -> AdapterAnnouncement:
-    """Publish the current version on the compacted adapters topic (key b"current")."""
-    event = AdapterAnnouncement(
-        version=version,
-        uri=adapter_path(settings, version).resolve().as_uri() if version else None,
-        base_model=settings.train_base_model,
-    )
+    """Ship `version`'s files on the compacted adapters topic, announce it, retire the others.
+
+    In order, on the topic's single partition: the version's chunk records (unless a complete
+    copy is live there already), its manifest once every chunk was acknowledged, the
+    announcement (key b"current", with the manifest's hash), then tombstones for every other
+    version (manifest first, so no reader finds a manifest whose chunks are going). Query
+    consumers on any host rebuild the folder from these records: no disk is shared.
+    """
+    live = _live_records(settings)
+    manifest = None
     p = producer(settings, client_id="headwater-registry")
     try:
+        if version is not None:
+            manifest = _ship(settings, p, version, live)
+        event = AdapterAnnouncement(
+            version=version,
+            base_model=settings.train_base_model,
+            manifest_sha256=sha256(manifest.to_bytes()) if manifest else None,
+        )
         p.send(settings.adapters_topic, key=b"current", value=event.to_bytes()).get(timeout=60)
+        retired = _retire(settings, p, live, keep=version)
     finally:
         p.close()
-    log.info("announced adapter %s", version or "none (base model)")
+    log.info("announced adapter %s%s", version or "none (base model)",
+             f"; retired {', '.join(retired)}" if retired else "")  # fmt: skip
     return event
+
+
+def _live_records(settings: Settings) -> dict[bytes, bytes]:
+    """The adapters topic as a table: the latest value of every key that has one."""
+    table: dict[bytes, bytes] = {}
+    for record in read_to_end(settings, settings.adapters_topic, client_id="headwater-registry"):
+        if record.key is None:
+            continue
+        if record.value is None:
+            table.pop(record.key, None)
+        else:
+            table[record.key] = record.value
+    return table
+
+
+def _ship(settings: Settings, p: KafkaProducer, version: str, live: dict[bytes, bytes]) -> Manifest:
+    folder = adapter_path(settings, version)
+    if not is_complete(folder):
+        raise RegistryError(f"{version}: adapter files are missing")
+    chunks, manifest = pack(folder, version)
+    raw = manifest.to_bytes()
+    on_topic = live.get(manifest_key(version))
+    if (
+        on_topic is not None
+        and Manifest.model_validate_json(on_topic) == manifest
+        and all(key in live for key in manifest.record_keys())
+    ):
+        return Manifest.model_validate_json(on_topic)  # a complete copy is there: announce it
+    futures = [p.send(settings.adapters_topic, key=key, value=value) for key, value in chunks]
+    for future in futures:  # every chunk acknowledged before the manifest that lists them
+        future.get(timeout=120)
+    p.send(settings.adapters_topic, key=manifest_key(version), value=raw).get(timeout=60)
+    log.info("shipped adapter %s: %d files, %d bytes in %d records", version,
+             len(manifest.files), sum(f.size for f in manifest.files), len(chunks))  # fmt: skip
+    return manifest
+
+
+def _retire(
+    settings: Settings, p: KafkaProducer, live: dict[bytes, bytes], keep: str | None
+) -> list[str]:
+    old = sorted({v for key in live if (v := version_of(key)) is not None and v != keep})
+    futures = []
+    for version in old:
+        keys = [k for k in live if version_of(k) == version]
+        # The manifest goes first: a reader never holds a manifest whose chunks are gone.
+        keys.sort(key=lambda k: k != manifest_key(version))
+        futures += [p.send(settings.adapters_topic, key=k, value=None) for k in keys]
+    for future in futures:
+        future.get(timeout=120)
+    return old

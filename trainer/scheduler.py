@@ -12,6 +12,7 @@ import logging
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from filelock import FileLock, Timeout
+from prometheus_client import Counter, Histogram
 
 from headwater.errors import NothingToTrain, RunBusy, TrainerError
 from headwater.settings import Settings
@@ -36,6 +38,13 @@ from trainer.run import JobSpec, Launch, launch, read_result
 log = logging.getLogger(__name__)
 
 KEEP_JOBS = 20  # job folders (inputs and logs of past runs) kept for inspection
+
+RUNS = Counter("headwater_training_runs_total", "Training runs by outcome", ["outcome"])
+RUN_SECONDS = Histogram(
+    "headwater_training_run_seconds",
+    "Duration of a training run (data, training, gate)",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
+)
 
 
 def data_mark(state: DriftState) -> str:
@@ -102,10 +111,20 @@ class TrainerService:
             self._run_lock.acquire(timeout=0)
         except Timeout:
             raise RunBusy("a training run is already in progress") from None
+        t0 = time.monotonic()
+        outcome = "error"
         try:
-            return self._train(trigger, figures)
+            result = self._train(trigger, figures)
+            outcome = "promoted" if result.promoted else result.status
+            return result
+        except NothingToTrain:
+            outcome = "nothing"
+            raise
         finally:
             self._run_lock.release()
+            if outcome != "nothing":
+                RUNS.labels(outcome).inc()
+                RUN_SECONDS.observe(time.monotonic() - t0)
 
     def _train(self, trigger: str, figures: Figures | None) -> RunOutcome:
         s = self.settings
@@ -240,6 +259,13 @@ class TrainerService:
             )
         scheduler.start()
         self._scheduler = scheduler
+
+    def scheduling(self) -> str:
+        """Liveness: the schedule runs (raises when it stopped)."""
+        scheduler = self._scheduler
+        if scheduler is None or not scheduler.running:
+            raise RuntimeError("the training schedule is not running")
+        return "scheduled"
 
     def _scheduled_check(self) -> None:
         if not self._check_lock.acquire(blocking=False):

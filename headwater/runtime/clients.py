@@ -87,13 +87,15 @@ def consumer(settings: Settings, *topics: str, **overrides: object) -> KafkaCons
     return KafkaConsumer(*topics, **cfg)
 
 
-def admin(settings: Settings, timeout_s: float = 30.0) -> KafkaAdminClient:
+def admin(
+    settings: Settings, timeout_s: float = 30.0, request_timeout_ms: int = 15_000
+) -> KafkaAdminClient:
     """An admin client, retrying (bounded) while the broker is still coming up."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             return KafkaAdminClient(
-                client_id="headwater-admin", request_timeout_ms=15_000,
+                client_id="headwater-admin", request_timeout_ms=request_timeout_ms,
                 **settings.kafka_client_config(),
             )  # fmt: skip
         except KafkaError:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterable
 
 from kafka import ConsumerRebalanceListener, TopicPartition
@@ -25,7 +27,7 @@ from kafka.errors import (
     RebalanceInProgressError,
     UnknownMemberIdError,
 )
-from kafka.structs import OffsetAndMetadata
+from kafka.structs import MemberState, OffsetAndMetadata
 
 from headwater.runtime import clients
 from headwater.settings import Settings
@@ -39,6 +41,14 @@ _REBALANCED = (
     IllegalGenerationError,
     UnknownMemberIdError,
 )
+# A member whose loop has not polled for this long is not doing its work (readiness).
+STALL_S = 60.0
+_MEMBERS: weakref.WeakSet[GroupMember] = weakref.WeakSet()
+
+
+def members() -> list[GroupMember]:
+    """This process's open group members (probes and metrics read them)."""
+    return [m for m in list(_MEMBERS) if not m.closed]
 
 
 class GroupMember(ConsumerRebalanceListener):
@@ -61,14 +71,18 @@ class GroupMember(ConsumerRebalanceListener):
         self._on_assigned = on_assigned
         self._lock = threading.Lock()
         self._uncommitted: dict[TopicPartition, int] = {}  # lowest offset handed out, uncommitted
+        # (offset, record timestamp ms) of every record handed out and not committed, in order.
+        self._in_hand: dict[TopicPartition, deque[tuple[int, int]]] = {}
         self._redo: dict[TopicPartition, int] = {}
         self.last_poll = time.monotonic()
+        self.closed = False
         self.consumer = clients.consumer(
             settings, group_id=group, client_id=client_id, max_poll_records=max_poll_records
         )
         for topic in self.topics:
             clients.await_topic(self.consumer, topic)
         self.consumer.subscribe(self.topics, listener=self)
+        _MEMBERS.add(self)
 
     # -- polling and committing ----------------------------------------------------------------
     def poll(self, timeout_ms: int, max_records: int | None = None) -> list[ConsumerRecord]:
@@ -80,6 +94,7 @@ class GroupMember(ConsumerRebalanceListener):
             for r in records:
                 tp = TopicPartition(r.topic, r.partition)
                 self._uncommitted.setdefault(tp, r.offset)
+                self._in_hand.setdefault(tp, deque()).append((r.offset, r.timestamp))
         return records
 
     def commit(self, offsets: dict[TopicPartition, int]) -> bool:
@@ -105,6 +120,9 @@ class GroupMember(ConsumerRebalanceListener):
                     del self._uncommitted[tp]
                 elif tp in self._uncommitted:
                     self._uncommitted[tp] = max(self._uncommitted[tp], offset)
+                held = self._in_hand.get(tp)
+                while held and held[0][0] < offset:
+                    held.popleft()
         return True
 
     def seek_back(self, offsets: dict[TopicPartition, int]) -> None:
@@ -113,6 +131,10 @@ class GroupMember(ConsumerRebalanceListener):
         for tp, offset in offsets.items():
             if tp in owned:
                 self.consumer.seek(tp, offset)
+                with self._lock:  # those records come again: they are in hand once more then
+                    held = self._in_hand.get(tp)
+                    while held and held[-1][0] >= offset:
+                        held.pop()
 
     # -- flow control --------------------------------------------------------------------------
     def assignment(self) -> set[TopicPartition]:
@@ -139,7 +161,36 @@ class GroupMember(ConsumerRebalanceListener):
                     continue
         return out
 
+    # -- what probes and metrics read (any thread) ------------------------------------------------
+    def oldest_in_hand_ms(self) -> int | None:
+        """Timestamp (ms) of the oldest record handed out and not committed; None if none.
+
+        Its age keeps rising while a batch is stuck, which a value set after each batch cannot.
+        """
+        with self._lock:
+            firsts = [held[0][1] for held in self._in_hand.values() if held]
+        return min(firsts, default=None)
+
+    def membership(self) -> tuple[bool, str]:
+        """(ready, why): the member owns partitions or waits for an assignment, and polls.
+
+        Not ready when its loop stopped polling (stuck, or dead) or the member is closed.
+        """
+        if self.closed:
+            return False, "closed"
+        idle = time.monotonic() - self.last_poll
+        if idle > STALL_S:
+            return False, f"has not polled for {idle:.0f} s"
+        owned = len(self.consumer.assignment())
+        if owned:
+            return True, f"owns {owned} partitions"
+        state = getattr(getattr(self.consumer, "_coordinator", None), "state", None)
+        joining = "joining" if state != MemberState.STABLE else "in the group"
+        return True, f"waiting for an assignment ({joining})"
+
     def close(self) -> None:
+        self.closed = True
+        _MEMBERS.discard(self)
         try:
             self.consumer.close(autocommit=False)
         except KafkaError as exc:
@@ -149,6 +200,7 @@ class GroupMember(ConsumerRebalanceListener):
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         with self._lock:
             for tp in revoked:
+                self._in_hand.pop(tp, None)
                 if tp in self._uncommitted:
                     offset = self._uncommitted.pop(tp)
                     self._redo[tp] = min(self._redo.get(tp, offset), offset)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from headwater.settings import Settings
+from service.running import add_service_args, with_args
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +17,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "up", help="run indexer, query consumer, trainer scheduler and HTTP gateway in one process"
     )
     p.add_argument("--no-trainer", action="store_true", help="do not schedule adapter refreshes")
+    add_service_args(p)
     p.set_defaults(func=_up)
 
 
@@ -28,4 +30,4 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
 def _up(settings: Settings, args: argparse.Namespace) -> int:
     from service.up import run_up
 
-    return run_up(settings, trainer=not args.no_trainer)
+    return run_up(with_args(settings, args), trainer=not args.no_trainer, insecure=args.insecure)

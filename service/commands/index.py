@@ -10,16 +10,12 @@ from headwater.errors import InvalidInput, Timeout
 from headwater.runtime.shutdown import stop_on_signals
 from headwater.settings import Settings
 from service.commands.stack import require_stack
+from service.running import add_service_args, service, with_args
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("indexer", help="run an indexer (a consumer-group member) until SIGTERM")
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help="serve prometheus metrics on this port (/metrics)",
-    )
+    add_service_args(p)
     p.set_defaults(func=_indexer)
 
     p = sub.add_parser("search", help="hybrid search of the fresh index")
@@ -51,13 +47,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def _indexer(settings: Settings, args: argparse.Namespace) -> int:
     from consumers.indexer import Indexer
 
+    settings = with_args(settings, args)
     require_stack(settings)
     stop = stop_on_signals()
-    if args.metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        start_http_server(args.metrics_port, addr="127.0.0.1")
-    Indexer(settings).run(stop)
+    with service(settings, insecure=args.insecure):
+        Indexer(settings).run(stop)
     return 0
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from headwater.runtime.shutdown import stop_on_signals
 from headwater.settings import Settings
+from service.running import add_service_args, service, with_args
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("serve", help="run the HTTP API (documents, search, ask, subscriptions)")
     p.add_argument("--port", type=int, help="port (default: HEADWATER_API_PORT)")
+    add_service_args(p)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("answerer", help="run the query consumer (retrieval + generation)")
+    add_service_args(p)
     p.set_defaults(func=_answerer)
 
     p = sub.add_parser("standing", help="run the standing-query matcher (notifications)")
+    add_service_args(p)
     p.set_defaults(func=_standing)
 
     p = sub.add_parser("subscribe", help="register a standing query and print its notifications")
@@ -105,11 +109,14 @@ def _ask(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    from service.gateway import build_app, serve
+    from service.gateway import build_app, guard_api, serve
 
+    settings = with_args(settings, args)
     if args.port is not None:
         settings = settings.model_copy(update={"api_port": args.port})
-    serve(build_app(settings), settings)
+    guard_api(settings, args.insecure)  # before anything is loaded: fail fast
+    with service(settings, insecure=args.insecure, group=False) as health:
+        serve(build_app(settings, health=health), settings, insecure=args.insecure)
     return 0
 
 
@@ -118,9 +125,13 @@ def _answerer(settings: Settings, args: argparse.Namespace) -> int:
     from consumers.generation import load_generator
     from index.index import open_index
 
+    settings = with_args(settings, args)
     stop = stop_on_signals()
-    with open_index(settings) as index:
-        Answerer(settings, index.searcher, load_generator(settings)).run(stop)
+    with service(settings, insecure=args.insecure) as health, open_index(settings) as index:
+        answerer = Answerer(settings, index.searcher, load_generator(settings))
+        if answerer.follower is not None:
+            health.ready_check("adapters", answerer.follower.readiness)
+        answerer.run(stop)
     return 0
 
 
@@ -128,8 +139,9 @@ def _standing(settings: Settings, args: argparse.Namespace) -> int:
     from consumers.standing import StandingMatcher
     from index.index import open_index
 
+    settings = with_args(settings, args)
     stop = stop_on_signals()
-    with open_index(settings) as index:
+    with service(settings, insecure=args.insecure), open_index(settings) as index:
         StandingMatcher(settings, index.embedder, index.store).run(stop)
     return 0
 

@@ -1,4 +1,4 @@
-"""CLI commands for the local stack: `headwater kafka|milvus start|stop|status|fetch`."""
+"""CLI commands for the local stack: `headwater kafka|milvus start|stop|status|fetch`, `topics`."""
 
 from __future__ import annotations
 
@@ -12,12 +12,25 @@ from stack.liteserver import LiteServer
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     for name, helptext in (
-        ("kafka", "the local Kafka broker (KRaft, single node)"),
+        ("kafka", "the local Kafka (KRaft; one node, or a cluster with --brokers)"),
         ("milvus", "the local Milvus Lite server"),
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("action", choices=["start", "stop", "status", "fetch"])
+        if name == "kafka":
+            p.add_argument(
+                "--brokers",
+                type=int,
+                choices=range(1, 10),
+                metavar="N",
+                help="nodes of the local cluster (default: HEADWATER_KAFKA_BROKERS, 1); node i "
+                "listens on HEADWATER_KAFKA_PORT+2i",
+            )
         p.set_defaults(func=_kafka if name == "kafka" else _milvus)
+
+    p = sub.add_parser("topics", help="create every missing headwater topic (idempotent)")
+    p.add_argument("--json", action="store_true", help="print {topic: created?} as JSON")
+    p.set_defaults(func=_topics)
 
 
 def _kafka(settings: Settings, args: argparse.Namespace) -> int:
@@ -26,14 +39,18 @@ def _kafka(settings: Settings, args: argparse.Namespace) -> int:
         if args.action in ("start", "status"):
             print(settings.bootstrap)
         return 0
+    if getattr(args, "brokers", None):
+        settings = settings.model_copy(update={"kafka_brokers": args.brokers})
     broker = LocalBroker(settings)
     if args.action == "fetch":
         print(broker.fetch())
         return 0
     if args.action == "start":
         address = broker.start()
-        ensure_topics(settings)
-        print(f"Kafka broker running (data in {broker.home})")
+        ensure_topics(settings.model_copy(update={"kafka_bootstrap": address}))
+        nodes = len(broker.nodes)
+        print(f"Kafka {'broker' if nodes == 1 else f'cluster of {nodes} nodes'} running "
+              f"(data in {broker.home})")  # fmt: skip
         print(address)
         return 0
     if args.action == "stop":
@@ -68,6 +85,21 @@ def _milvus(settings: Settings, args: argparse.Namespace) -> int:
         print("not running")
         return 1
     print(address)
+    return 0
+
+
+def _topics(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from headwater.topics import topic_specs
+
+    created = set(ensure_topics(settings))
+    names = [spec.name for spec in topic_specs(settings)]
+    if args.json:
+        print(json.dumps({name: name in created for name in names}))
+    else:
+        for name in names:
+            print(f"{name}: {'created' if name in created else 'exists'}")
     return 0
 
 

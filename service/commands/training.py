@@ -14,6 +14,7 @@ from rich.table import Table
 
 from headwater.runtime.shutdown import stop_on_signals
 from headwater.settings import Settings
+from service.running import add_service_args, service, with_args
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +39,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     train.set_defaults(func=_clear_errors(_train))
 
     trainer = sub.add_parser("trainer", help="run the retraining scheduler until SIGTERM")
+    add_service_args(trainer)
     trainer.set_defaults(func=_clear_errors(_trainer))
 
     adapters = sub.add_parser("adapters", help="adapter versions: list, promote, rollback")
@@ -131,19 +133,22 @@ def _train(settings: Settings, args: argparse.Namespace) -> int:
 def _trainer(settings: Settings, args: argparse.Namespace) -> int:
     from trainer.scheduler import TrainerService
 
+    settings = with_args(settings, args)
     stop = stop_on_signals()
-    service = TrainerService(settings)
-    service.start()
-    print(
-        f"trainer running: checks every {settings.train_check_interval_s:.0f} s"
-        + (f" and on '{settings.train_cron}'" if settings.train_cron else ""),
-        file=sys.stderr,
-    )
-    try:
-        while not stop.wait(1.0):
-            pass
-    finally:
-        service.stop()
+    trainer = TrainerService(settings)
+    with service(settings, insecure=args.insecure, group=False,
+                 live={"scheduler": trainer.scheduling}):  # fmt: skip
+        trainer.start()
+        print(
+            f"trainer running: checks every {settings.train_check_interval_s:.0f} s"
+            + (f" and on '{settings.train_cron}'" if settings.train_cron else ""),
+            file=sys.stderr,
+        )
+        try:
+            while not stop.wait(1.0):
+                pass
+        finally:
+            trainer.stop()
     return 0
 
 
