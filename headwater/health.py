@@ -39,8 +39,9 @@ class Result:
 class Health:
     """Named readiness checks (run in the background) and liveness checks (run when asked)."""
 
-    def __init__(self, interval_s: float = 5.0) -> None:
+    def __init__(self, interval_s: float = 5.0, stale_s: float | None = None) -> None:
         self.interval_s = interval_s
+        self.stale_s = 3 * interval_s + 5 if stale_s is None else stale_s
         self._ready: dict[str, Check] = {}
         self._live: dict[str, Check] = {}
         self._results: dict[str, Result] = {}
@@ -94,7 +95,7 @@ class Health:
             result = results.get(name)
             if result is None:
                 result = Result(False, "not checked yet", now)
-            elif now - result.at > 3 * self.interval_s + 5:
+            elif now - result.at > self.stale_s:
                 result = Result(False, f"stale: last checked {now - result.at:.0f} s ago", now)
             out[name] = result
         return all(r.ok for r in out.values()), out

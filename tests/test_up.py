@@ -29,6 +29,7 @@ def up(settings, tmp_path):
         "HEADWATER_PARTITIONS": str(settings.partitions),
         "HEADWATER_API_PORT": str(port),
         "HEADWATER_API_TOKENS": json.dumps({"secret-a": "default"}),
+        "HEADWATER_METRICS_TOKEN": "metrics-secret",
         "HEADWATER_GENERATOR": "",  # extractive answers keep this test fast
         "HF_HUB_OFFLINE": "1",
     }
@@ -89,7 +90,12 @@ def test_up_serves_publish_search_ask_delete_and_stops_on_sigterm(up):
         assert r.status_code == 200, r.text
         r = http.get("/v1/search", params={"q": "night ferry pier", "token": r.json()["token"]})
         assert all(h["doc_id"] != "guide/ferries.md" for h in r.json()["hits"])
-        assert "headwater_events_consumed_total" in http.get("/metrics").text
+        assert http.get("/metrics").status_code == 401  # a tenant's token reads no metrics
+        metrics = http.get("/metrics", headers={"Authorization": "Bearer metrics-secret"}).text
+        assert "headwater_events_consumed_total" in metrics
+        assert 'headwater_consumer_lag{group="' in metrics  # computed at scrape time
+        ready = http.get("/healthz").json()
+        assert ready["status"] == "ok" and ready["checks"]["kafka"] == "ok", ready
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=90) == 0, logfile.read_text()[-3000:]

@@ -96,6 +96,8 @@ def admin(
         try:
             return KafkaAdminClient(
                 client_id="headwater-admin", request_timeout_ms=request_timeout_ms,
+                # Its own default is 30 s whatever the caller's bound: a probe must not hang.
+                bootstrap_timeout_ms=max(1000, int(timeout_s * 1000)),
                 **settings.kafka_client_config(),
             )  # fmt: skip
         except KafkaError:
