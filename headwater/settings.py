@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     # string; pydantic-settings would json.loads them first and fail on `default` or `a,b`.
     tenants: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["default"],
-        description='Known tenants (JSON list or comma list); "*" accepts any valid id.',
+        description='Known tenants (comma list or JSON list); "*" accepts any valid id.',
     )
     default_tenant: str = Field(default="default", description="Tenant when none is given.")
     max_text_bytes: int = Field(default=2_000_000, ge=1, description="Largest document text.")
