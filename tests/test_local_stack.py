@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import uuid
 
@@ -110,3 +111,35 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == (
         "headwater: Java 17+ is required to run the local Kafka broker; install it"
     )
+
+
+def test_a_cluster_is_a_static_quorum_replicated_three_ways(tmp_path):
+    """`kafka start --brokers 3` (the compose file's Kafka, locally): ports, quorum, defaults."""
+    s = Settings(data_dir=tmp_path, kafka_brokers=3, kafka_port=30000, kafka_controller_port=30001)
+    assert s.bootstrap == "127.0.0.1:30000,127.0.0.1:30002,127.0.0.1:30004"
+    cluster = LocalBroker(s)
+    assert [n.node_id for n in cluster.nodes] == [1, 2, 3]
+    assert cluster.address == s.bootstrap
+    props = dict(
+        line.split("=", 1) for line in cluster.properties(cluster.nodes[1]).splitlines() if line
+    )
+    assert props["node.id"] == "2" and props["listeners"].startswith("PLAINTEXT://127.0.0.1:30002")
+    voters = "1@127.0.0.1:30001,2@127.0.0.1:30003,3@127.0.0.1:30005"
+    assert props["controller.quorum.voters"] == voters
+    assert props["log.dirs"] == str(tmp_path / "kafka" / "node-2" / "data")
+    assert props["default.replication.factor"] == "3" and props["min.insync.replicas"] == "2"
+    assert props["offsets.topic.replication.factor"] == "3"
+    single = LocalBroker(Settings(data_dir=tmp_path / "one", kafka_port=30000))
+    assert single.properties(single.nodes[0]).count("min.insync.replicas=1") == 1
+
+
+def test_a_cluster_directory_is_started_with_its_own_node_count(tmp_path, monkeypatch, capsys):
+    (tmp_path / "kafka").mkdir()
+    layout = {"brokers": 3, "port": 30000, "controller_port": 30001, "cluster_id": "x"}
+    (tmp_path / "kafka" / "cluster.json").write_text(json.dumps(layout))
+    with pytest.raises(StackError, match="holds a 3-node Kafka; start it with --brokers 3"):
+        LocalBroker(Settings(data_dir=tmp_path, kafka_port=free_port())).start()
+    # stop and status find the cluster's nodes from its layout, whatever the settings say
+    monkeypatch.setenv("HEADWATER_DATA_DIR", str(tmp_path))
+    assert len(LocalBroker(Settings(data_dir=tmp_path)).nodes) == 3
+    assert main(["kafka", "status"]) == 1 and "not running" in capsys.readouterr().out

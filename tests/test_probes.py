@@ -185,3 +185,35 @@ def test_a_stuck_consumer_shows_rising_freshness_age_and_lag(settings, monkeypat
         stop.set()
         thread.join(30)
     assert not member.members() or loop.member not in member.members()
+
+
+def test_a_batch_loop_outlives_a_poll_that_raises(settings):
+    """kafka-python raises out of poll when the coordinator's broker dies (ECONNREFUSED): the
+    loop keeps its batch and polls again instead of dying with the process."""
+    from kafka.errors import KafkaConnectionError
+
+    got = []
+    loop = BatchLoop(settings, [settings.documents_topic], group=settings.indexer_group,
+                     client_id="poll-fails", decode=lambda r: r.value,
+                     write=lambda items, out: got.extend(v for _, v in items) or [],
+                     on_error=skip, max_records=10, max_wait_ms=200)  # fmt: skip
+    real = loop.member.poll
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KafkaConnectionError("111 ECONNREFUSED")
+        return real(*args, **kwargs)
+
+    loop.member.poll = flaky
+    try:
+        p = producer(settings)
+        p.send(settings.documents_topic, key=b"k", value=b"one").get(30)
+        p.close()
+        deadline = time.monotonic() + 60
+        while b"one" not in got and time.monotonic() < deadline:
+            loop.run_once()
+        assert calls["n"] >= 2 and got == [b"one"]
+    finally:
+        loop.close()

@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 
 from kafka import KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError
 from prometheus_client import Counter
 
 from headwater.errors import Cancelled, ProduceFailed
@@ -127,7 +128,14 @@ class BatchLoop(Generic[T]):
         deadline = time.monotonic() + self.max_wait_ms / 1000
         while len(batch.records) < self.max_records and not stop.is_set():
             wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            records = self.member.poll(wait_ms, self.max_records - len(batch.records))
+            try:
+                records = self.member.poll(wait_ms, self.max_records - len(batch.records))
+            except KafkaError as exc:
+                # kafka-python raises out of poll when the group coordinator's broker dies
+                # (ECONNREFUSED finding it again); the next poll rejoins through another one.
+                log.warning("%s: poll failed: %s", self.member.group, one_line(exc))
+                stop.wait(1.0)
+                break
             with self._lock:
                 for record in records:
                     batch.records.append(record)
@@ -161,7 +169,10 @@ class BatchLoop(Generic[T]):
         def paused_retry(exc: BaseException, delay: float) -> None:
             RETRIES.labels(self.member.group, name).inc()
             self.member.pause()
-            self.member.poll(0)  # stays in the group while it waits; may rebalance
+            try:
+                self.member.poll(0)  # stays in the group while it waits; may rebalance
+            except KafkaError as err:
+                log.warning("%s: poll failed while waiting: %s", self.member.group, one_line(err))
 
         try:
             retrying(call, stop=stop, what=f"{self.member.group} {name}", backoff=self.backoff,
