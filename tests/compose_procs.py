@@ -74,6 +74,7 @@ class ComposeRun:
 
     base: Path
     milvus_uri: str  # a running local Milvus (Lite server, or the 2.3 standalone)
+    milvus_password: str = "Milvus"  # root's password there (Lite accepts any)
     overrides: Mapping[str, str] = field(default_factory=dict)  # env values for every service
     replicas: Mapping[str, int] = field(default_factory=dict)  # instead of deploy.replicas
     only: set[str] | None = None  # services to run (None: all of them)
@@ -84,7 +85,7 @@ class ComposeRun:
 
     # -- setup ---------------------------------------------------------------------------------
     def up(self) -> ComposeRun:
-        self.env_file = deployment_env()
+        self.env_file = deployment_env() | {"MILVUS_ROOT_PASSWORD": self.milvus_password}
         compose = load(self.env_file)
         services = compose["services"]
         self._start_kafka(services)
@@ -267,7 +268,6 @@ def deployment_env() -> dict[str, str]:
     return env | {
         "KAFKA_CLUSTER_ID": base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="),
         "MINIO_ROOT_PASSWORD": secrets.token_urlsafe(16),
-        "MILVUS_ROOT_PASSWORD": "Milvus",  # the local server's root password
         "HEADWATER_API_TOKENS": json.dumps({secrets.token_urlsafe(16): t for t in tokens.values()}),
         "HEADWATER_METRICS_TOKEN": secrets.token_urlsafe(16),
     }
