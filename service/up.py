@@ -39,7 +39,8 @@ def _thread(
 def run_up(settings: Settings, *, trainer: bool = True, insecure: bool = False) -> int:
     from service.gateway import guard_api
 
-    guard_api(settings, insecure)
+    if not insecure:
+        guard_api(settings, insecure=False)  # before the stack starts: fail fast
     start_stack(settings)
     log.info("Kafka at %s, Milvus at %s", settings.bootstrap, settings.milvus_address)
     with service(settings, insecure=insecure) as health:

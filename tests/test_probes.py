@@ -217,3 +217,24 @@ def test_a_batch_loop_outlives_a_poll_that_raises(settings):
         assert calls["n"] >= 2 and got == [b"one"]
     finally:
         loop.close()
+
+
+def test_the_cli_refuses_to_listen_openly_without_tokens(monkeypatch, capsys, tmp_path):
+    from service.cli import main
+
+    for key, value in {
+        "HEADWATER_DATA_DIR": str(tmp_path),
+        "HEADWATER_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "HEADWATER_MILVUS_URI": f"http://127.0.0.1:{free_port()}",
+        "HEADWATER_API_HOST": "0.0.0.0",
+        "HEADWATER_METRICS_HOST": "0.0.0.0",
+        "HEADWATER_METRICS_PORT": str(free_port()),
+    }.items():
+        monkeypatch.setenv(key, value)
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "the API would listen on 0.0.0.0 without authentication" in err
+    assert "HEADWATER_API_TOKENS" in err and "--insecure" in err
+    for command in ("indexer", "answerer", "standing", "trainer"):
+        assert main([command]) == 2, command
+        assert "the metrics port would listen on 0.0.0.0" in capsys.readouterr().err

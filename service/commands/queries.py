@@ -114,7 +114,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     settings = with_args(settings, args)
     if args.port is not None:
         settings = settings.model_copy(update={"api_port": args.port})
-    guard_api(settings, args.insecure)  # before anything is loaded: fail fast
+    if not args.insecure:
+        guard_api(settings, insecure=False)  # before anything is loaded: fail fast
     with service(settings, insecure=args.insecure, group=False) as health:
         serve(build_app(settings, health=health), settings, insecure=args.insecure)
     return 0
