@@ -1,12 +1,13 @@
 """The indexer: a consumer-group member that turns document events into index writes.
 
 It runs on the runtime's `BatchLoop`: poll a micro-batch (bounded by count and time) → decode
-each record (`Intake`; a bad one is dead-lettered with its reason) → apply the batch to Milvus
-(`IndexWriter`: embed new chunks, swap, clean up) → publish one change event per applied
-document → commit. Offsets are committed only after the Milvus writes, the dead letters and
-every change event were acknowledged, and writes are idempotent, so at-least-once delivery gives
-exactly-once index state. If Milvus or Kafka is away the partitions are paused and the failed
-step retried with backoff.
+each record (`Intake`: headwater's events, CloudEvents, null-value deletes, and Debezium change
+events from `settings.debezium_topics`; a bad one is dead-lettered with its reason) → apply the
+batch to Milvus (`IndexWriter`: embed new chunks, swap, clean up) → publish one change event
+per applied document → commit. Offsets are committed only after the Milvus writes, the dead
+letters and every change event were acknowledged, and writes are idempotent, so at-least-once
+delivery gives exactly-once index state. If Milvus or Kafka is away the partitions are paused
+and the failed step retried with backoff.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from kafka.consumer.fetcher import ConsumerRecord
 from prometheus_client import Counter, Histogram
 
 from consumers.intake import Intake
-from headwater.errors import EmbedderError, StoreError
+from headwater.errors import EmbedderError, NoChange, StoreError
 from headwater.events import DocumentEvent
 from headwater.runtime.batches import Batch, BatchLoop
-from headwater.runtime.deadletter import DeadLetters, OnError
+from headwater.runtime.deadletter import DeadLetters, OnError, skip
 from headwater.runtime.outbox import Outbox
 from headwater.settings import Settings
 from index.embedder import Embedder, load_embedder
@@ -75,12 +76,15 @@ class Indexer:
         dead_letters = on_error or DeadLetters(settings.dlq_topic)
 
         def counted(exc: Exception, record: ConsumerRecord, out: Outbox) -> None:
+            if isinstance(exc, NoChange):
+                skip(exc, record, out)  # nothing to apply, nothing wrong
+                return
             self.stats.dead_lettered += 1
             dead_letters(exc, record, out)
 
         self.loop: BatchLoop[DocumentEvent] = BatchLoop(
             settings,
-            [settings.documents_topic],
+            [settings.documents_topic, *settings.debezium_topics],
             group=settings.indexer_group,
             client_id="headwater-indexer",
             decode=Intake(settings),
@@ -106,8 +110,8 @@ class Indexer:
     # -- the loop ------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         """Index until `stop` is set; the last batch is finished and committed before returning."""
-        log.info("indexer consuming %s as %s", self.settings.documents_topic,
-                 self.settings.indexer_group)  # fmt: skip
+        topics = ", ".join([self.settings.documents_topic, *self.settings.debezium_topics])
+        log.info("indexer consuming %s as %s", topics, self.settings.indexer_group)
         self.loop.run(stop)
 
     def run_once(self, stop: threading.Event | None = None) -> int:

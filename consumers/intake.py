@@ -1,7 +1,11 @@
-"""What the indexer accepts from the documents topic: one record → one document event.
+"""What the indexer accepts: one record → one document event, whatever format it came in.
 
-The indexer and the truth checker both decode through here, so a dead-lettered record is never
-expected in the index.
+Records of the documents topic are headwater's JSON events, CloudEvents (binary mode: `ce_*`
+headers; structured mode: a JSON object with `specversion`), or null values (a delete of the
+document the key `tenant/doc_id` names); the topic is compacted, so every record has a key, and
+it must be `tenant/doc_id`. Records of the Debezium topics are change events of a
+database table. The indexer and the truth checker both decode through here, so a dead-lettered
+record is never expected in the index.
 """
 
 from __future__ import annotations
@@ -9,31 +13,76 @@ from __future__ import annotations
 from kafka.consumer.fetcher import ConsumerRecord
 
 from headwater.errors import EventError
-from headwater.events import DocumentEvent, Limits, parse_document
+from headwater.events import DocumentEvent, Limits, document_from
+from headwater.formats import Change, cloudevents, debezium, json_object
 from headwater.settings import Settings
 
 INT64_MAX = 2**63 - 1  # Milvus stores versions as INT64
 
 
 class Intake:
-    """Decodes document records with the settings' limits and tenants; EventError says why not."""
+    """Decodes records with the settings' limits and tenants; EventError says why not.
+
+    A record that asks for nothing (a Debezium tombstone naming no document) raises NoChange.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.limits = Limits.from_settings(settings)
+        self.debezium_topics = frozenset(settings.debezium_topics)
+        self.columns = debezium.Columns.from_settings(settings)
 
     def __call__(self, record: ConsumerRecord) -> DocumentEvent:
-        event = parse_document(record.value, self.limits)
-        check_event(event, record.key, self.settings)
+        if record.topic in self.debezium_topics:
+            event = self._foreign(debezium.from_record(record.key, record.value, self.columns),
+                                  record)  # fmt: skip
+        else:
+            event = self._documents_topic(record)
+            # Whatever the format: one document's records share a key, so they stay in order.
+            if record.key is not None and record.key != event.key:
+                raise EventError("Kafka key does not match tenant/doc_id of the event")
+        check_event(event, self.settings)
         return event
 
+    def _documents_topic(self, record: ConsumerRecord) -> DocumentEvent:
+        headers = cloudevents.kafka_headers(record.headers)
+        if cloudevents.is_binary(headers):
+            return self._foreign(cloudevents.from_kafka_binary(headers, record.value), record)
+        if record.value is None:
+            return self._tombstone(record)
+        data = json_object(record.value, "the record")
+        if cloudevents.is_structured(data):
+            return self._foreign(cloudevents.structured(data), record)
+        return document_from(data, self.limits)
 
-def check_event(event: DocumentEvent, key: bytes | None, settings: Settings) -> None:
+    def _tombstone(self, record: ConsumerRecord) -> DocumentEvent:
+        """A null value deletes the document its key names (the ecosystem's delete)."""
+        tenant, sep, doc_id = (record.key or b"").decode("utf-8", "replace").partition("/")
+        if not sep or not doc_id:
+            raise EventError("a null value whose key is not tenant/doc_id")
+        return Change(op="delete", doc_id=doc_id, source="tombstone").event(
+            tenant=tenant, version=log_version(record), limits=self.limits
+        )
+
+    def _foreign(self, change: Change, record: ConsumerRecord) -> DocumentEvent:
+        tenant = change.tenant or self.settings.default_tenant
+        version = change.version if change.version is not None else log_version(record)
+        return change.event(tenant=tenant, version=version, limits=self.limits)
+
+
+def log_version(record: ConsumerRecord) -> int:
+    """The version of an event whose source has none: its record's place in the log.
+
+    The record's timestamp in microseconds, like a publisher's clock version, plus the offset's
+    last three digits so that two records of one millisecond stay in log order.
+    """
+    return max(record.timestamp, 0) * 1000 + record.offset % 1000
+
+
+def check_event(event: DocumentEvent, settings: Settings) -> None:
     """Intake rules beyond the event schema; raises EventError (the dead-letter reason)."""
     if not settings.tenant_known(event.tenant):
         raise EventError(f"unknown tenant {event.tenant!r}")
-    if key is not None and key != event.key:
-        raise EventError("Kafka key does not match tenant/doc_id of the event")
     if event.version > INT64_MAX:
         # Milvus would refuse the write on every retry and block the partition for good.
         raise EventError(f"version {event.version} is larger than {INT64_MAX} (int64)")

@@ -46,6 +46,10 @@ class EventError(InvalidInput):
     """An event that cannot be accepted; the message is the reason kept in the dead-letter topic."""
 
 
+class NoChange(HeadwaterError):
+    """A record that asks for no document change (a Debezium tombstone naming no document)."""
+
+
 class InvalidDocumentError(InvalidInput):
     """A document event breaks the schema: doc_id, metadata, op/text shape, version."""
 

@@ -138,6 +138,14 @@ def parse_document(raw: bytes | None, limits: Limits | None = None) -> DocumentE
     return _parse(DocumentEvent, raw, limits)
 
 
+def document_from(data: dict[str, Any], limits: Limits | None = None) -> DocumentEvent:
+    """Validate one document event already parsed from JSON, or raise EventError."""
+    try:
+        return DocumentEvent.model_validate(data, context={"limits": limits or Limits()})
+    except ValidationError as exc:
+        raise EventError(_reason(exc)) from exc
+
+
 # -- queries and answers ---------------------------------------------------------------------
 
 

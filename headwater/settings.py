@@ -97,6 +97,18 @@ class Settings(BaseSettings):
         default=15.0, gt=0, description="Longest wait for the broker to acknowledge a publish."
     )
 
+    debezium_topics: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Debezium change-event topics the indexer reads too (JSON or comma list).",
+    )
+    debezium_columns: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=lambda: {"doc_id": "id", "text": "text"},
+        description='JSON {"doc_id"|"text"|"version"|"tenant": column} of Debezium rows.',
+    )
+    debezium_metadata_columns: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Row columns copied into a document's metadata."
+    )
+
     # -- indexing ----------------------------------------------------------------------------
     embedder: str = Field(
         default=DEFAULT_EMBEDDER,
@@ -192,16 +204,16 @@ class Settings(BaseSettings):
     gate_max_holdout: int = Field(default=24, ge=1, description="Held-out examples per gate.")
     gate_max_new_tokens: int = Field(default=96, ge=1, description="Generation length in the gate.")
 
-    @field_validator("tenants", mode="before")
+    @field_validator("tenants", "debezium_topics", "debezium_metadata_columns", mode="before")
     @classmethod
-    def _split_tenants(cls, v: object) -> object:
+    def _split_lists(cls, v: object) -> object:
         if isinstance(v, str):
             if v.lstrip().startswith("["):
                 return json.loads(v)
             return [t.strip() for t in v.split(",") if t.strip()]
         return v
 
-    @field_validator("api_tokens", mode="before")
+    @field_validator("api_tokens", "debezium_columns", mode="before")
     @classmethod
     def _parse_tokens(cls, v: object) -> object:
         if isinstance(v, str):
@@ -273,6 +285,14 @@ class Settings(BaseSettings):
     def milvus_address(self) -> str:
         """URI every component hands to MilvusClient (the local Lite server when unset)."""
         return self.milvus_uri or f"http://127.0.0.1:{self.milvus_port}"
+
+    @field_validator("debezium_columns")
+    @classmethod
+    def _check_columns(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = set(v) - {"doc_id", "text", "version", "tenant"}
+        if unknown or not {"doc_id", "text"} <= set(v):
+            raise ValueError("needs doc_id and text columns; may map version and tenant only")
+        return v
 
     def tenant_known(self, tenant: str) -> bool:
         return "*" in self.tenants or tenant in self.tenants
