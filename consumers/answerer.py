@@ -22,9 +22,9 @@ from kafka.consumer.fetcher import ConsumerRecord
 from prometheus_client import Counter, Histogram
 
 from consumers.adapters import AdapterFollower
-from consumers.generation import Generator, extractive_answer
+from consumers.generation import Generation, Generator, extractive_answer
 from headwater.errors import Cancelled, EventError, UnknownTenantError
-from headwater.events import TENANT_RE, AnswerEvent, Hit, QueryEvent, parse_query
+from headwater.events import TENANT_RE, AnswerEvent, ChatTurn, Hit, QueryEvent, parse_query
 from headwater.runtime.outbox import Outbox
 from headwater.runtime.pool import PoolLoop
 from headwater.settings import Settings
@@ -66,8 +66,17 @@ class Search(Protocol):
     ) -> Sequence[Hit]: ...
 
 
-def build_prompt(question: str, hits: Sequence[Hit], max_chars: int = 6000) -> list[dict[str, str]]:
-    """System message, the numbered passages (within `max_chars`), then the question."""
+def build_prompt(
+    question: str,
+    hits: Sequence[Hit],
+    max_chars: int = 6000,
+    history: Sequence[ChatTurn] = (),
+) -> list[dict[str, str]]:
+    """System message, earlier turns of a chat, the numbered passages, then the question.
+
+    The passages fill `max_chars`; so do the chat's turns, the latest first (an application's
+    own system messages are added to ours, after it).
+    """
     parts: list[str] = []
     budget = max_chars
     for i, h in enumerate(hits, start=1):
@@ -78,8 +87,17 @@ def build_prompt(question: str, hits: Sequence[Hit], max_chars: int = 6000) -> l
         parts.append(f"[{i}] ({where}) {text}")
         budget -= len(text)
     passages = "\n\n".join(parts)
+    system = "\n\n".join([SYSTEM_PROMPT, *(t.content for t in history if t.role == "system")])
+    turns: list[dict[str, str]] = []
+    budget = max_chars
+    for turn in reversed([t for t in history if t.role != "system"]):
+        if len(turn.content) > budget:
+            break
+        budget -= len(turn.content)
+        turns.append({"role": turn.role, "content": turn.content})
     return [
-        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "system", "content": system[: max_chars + len(SYSTEM_PROMPT)]},
+        *reversed(turns),
         {"role": "user", "content": f"Passages:\n\n{passages}\n\nQuestion: {question}"},
     ]
 
@@ -179,15 +197,16 @@ class Answerer:
             RETRIEVE.observe(retrieve_s)
             reply.send("hits", hits=hits)
             timing = {"retrieve_ms": round(retrieve_s * 1000, 2)}
-            adapter = None
+            adapter, usage, finish = None, None, None
             if query.mode == "answer":
                 stage = "generate"
-                adapter, first = self._stream_answer(query, hits, reply, cancel)
+                adapter, first, usage, finish = self._stream_answer(query, hits, reply, cancel)
                 if first is not None:
                     timing["first_token_ms"] = round((first - t0) * 1000, 2)
                     FIRST_TOKEN.observe(first - t0)
             timing["total_ms"] = round((time.monotonic() - t0) * 1000, 2)
-            reply.finish("done", timing=timing, adapter_version=adapter)
+            reply.finish("done", timing=timing, adapter_version=adapter, usage=usage,
+                         finish_reason=finish)  # fmt: skip
         except Cancelled:
             raise
         except Exception as exc:
@@ -209,32 +228,50 @@ class Answerer:
         hits: list[Hit],
         reply: _Reply,
         cancel: threading.Event | None,
-    ) -> tuple[str | None, float | None]:
+    ) -> tuple[str | None, float | None, dict[str, int], str]:
+        """Stream the answer's text; returns adapter, first-text time, usage, finish reason."""
         first: float | None = None
         if not hits:
             reply.token(NO_PASSAGES)
-            return None, time.monotonic()
+            return None, time.monotonic(), {"prompt_tokens": 0, "completion_tokens": 1}, "stop"
+        generation: Generation | None = None
+        # Extractive answers count their pieces as tokens, up to the same limits.
+        limit = min(query.max_tokens or self.settings.max_new_tokens,
+                    self.settings.max_new_tokens)  # fmt: skip
         if self.generator is None:
             pieces: Iterable[str] = extractive_answer([h.text for h in hits])
             adapter = None
         else:
-            prompt = build_prompt(query.text, hits, self.settings.prompt_max_chars)
-            generation = self.generator.stream(prompt)
-            pieces, adapter = generation, generation.adapter
+            prompt = build_prompt(query.text, hits, self.settings.prompt_max_chars, query.history)
+            generation = self.generator.stream(
+                prompt, max_new_tokens=query.max_tokens, temperature=query.temperature
+            )
+            pieces, adapter, limit = generation, generation.adapter, generation.max_new_tokens
+        sent, cut = 0, False
         try:
             for piece in pieces:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled(f"query {query.query_id}")
                 if not piece:
                     continue
+                if generation is None and sent >= limit:
+                    cut = True
+                    break
                 if first is None:
                     first = time.monotonic()
                 reply.token(piece)
+                sent += 1
         finally:
             close = getattr(pieces, "close", None)
             if close is not None:
                 close()  # stops the model when the answer ends early
-        return adapter, first
+        if generation is None:
+            usage = {"prompt_tokens": 0, "completion_tokens": sent}
+        else:
+            usage = {"prompt_tokens": generation.prompt_tokens,
+                     "completion_tokens": generation.completion_tokens}  # fmt: skip
+            cut = generation.completion_tokens >= limit
+        return adapter, first, usage, "length" if cut else "stop"
 
     def _reply_topic(self, query: QueryEvent) -> str:
         return reply_topic_for(self.settings, query.reply_topic)

@@ -57,8 +57,18 @@ class Generation(Iterator[str]):
     Generation starts at once in a worker thread; `close()` (or leaving a `with` block) stops it.
     """
 
-    def __init__(self, owner: Generator, inputs: dict[str, Any], adapter: str | None) -> None:
+    def __init__(
+        self,
+        owner: Generator,
+        inputs: dict[str, Any],
+        adapter: str | None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
         self.adapter = adapter
+        self.prompt_tokens = int(inputs["input_ids"].shape[1])
+        self.completion_tokens = 0  # known once the generation ended
+        self.max_new_tokens = int((options or {}).get("max_new_tokens", owner.max_new_tokens))
+        self._options = options or {}
         self._owner = owner
         self._cancel = _Cancel()
         self._error: BaseException | None = None
@@ -72,7 +82,9 @@ class Generation(Iterator[str]):
 
     def _work(self, inputs: dict[str, Any]) -> None:
         try:
-            self._owner._generate(inputs, self.adapter, self._streamer, self._cancel)
+            self.completion_tokens = self._owner._generate(
+                inputs, self.adapter, self._streamer, self._cancel, self._options
+            )
         except BaseException as exc:  # reported to the reader, never lost in the thread
             self._error = exc
             self._streamer.on_finalized_text("", stream_end=True)
@@ -188,12 +200,25 @@ class Generator:
                 log.warning("could not unload adapter %s: %s", v, exc)
 
     # -- generation ------------------------------------------------------------------------
-    def stream(self, prompt_messages: Sequence[Message], adapter: Any = _CURRENT) -> Generation:
+    def stream(
+        self,
+        prompt_messages: Sequence[Message],
+        adapter: Any = _CURRENT,
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> Generation:
         """Start generating an answer to a chat; iterate the result for text pieces.
 
         `adapter` defaults to the current version, pinned now: a swap while this generation
-        waits or runs does not change it.
+        waits or runs does not change it. `max_new_tokens` can only lower the generator's own
+        limit; a `temperature` above 0 samples, none or 0 decodes greedily.
         """
+        options: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
+        if max_new_tokens is not None:
+            options["max_new_tokens"] = max(1, min(max_new_tokens, self.max_new_tokens))
+        if temperature:
+            options |= {"do_sample": True, "temperature": float(temperature)}
         with self._tokenizer_lock:
             inputs = self.encode(prompt_messages)
         with self._state_lock:
@@ -201,7 +226,7 @@ class Generator:
             if version is not None and version not in self._loaded:
                 raise GenerationError(f"adapter {version!r} is not loaded")
             self._users[version] = self._users.get(version, 0) + 1
-        return Generation(self, inputs, version)
+        return Generation(self, inputs, version, options)
 
     def encode(self, messages: Sequence[Message]) -> dict[str, Any]:
         """Token ids of the prompt: the chat template when there is one, else plain turns."""
@@ -226,7 +251,9 @@ class Generator:
         version: str | None,
         streamer: TextIteratorStreamer,
         cancel: _Cancel,
-    ) -> None:
+        options: dict[str, Any] | None = None,
+    ) -> int:
+        """Run one generation into `streamer`; returns the number of tokens generated."""
         with self._model_lock:
             try:
                 kwargs = dict(
@@ -238,6 +265,7 @@ class Generator:
                     stopping_criteria=StoppingCriteriaList([cancel]),
                     pad_token_id=self._pad_id(),
                 )
+                kwargs.update(options or {})
                 t0 = time.monotonic()
                 with torch.inference_mode():
                     if version is not None:
@@ -248,7 +276,9 @@ class Generator:
                             out = self.model.generate(**kwargs)
                     else:
                         out = self.base.generate(**kwargs)
-                _count(out.shape[-1] - inputs["input_ids"].shape[-1], time.monotonic() - t0)
+                generated = int(out.shape[-1] - inputs["input_ids"].shape[-1])
+                _count(generated, time.monotonic() - t0)
+                return generated
             finally:
                 with self._state_lock:
                     self._users[version] -= 1

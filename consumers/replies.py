@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 from kafka.errors import KafkaError
@@ -26,7 +26,7 @@ from headwater.errors import (
     QueryTimeout,
     UnknownTenantError,
 )
-from headwater.events import AnswerEvent, Hit, QueryEvent
+from headwater.events import AnswerEvent, ChatTurn, Hit, QueryEvent
 from headwater.runtime import clients
 from headwater.runtime.reader import Tail
 from headwater.runtime.retry import one_line
@@ -211,8 +211,14 @@ class QueryClient:
         k: int = 5,
         token: object = None,
         timeout: float | None = None,
+        history: Sequence[ChatTurn] = (),
+        max_tokens: int | None = None,
+        temperature: float | None = None,
     ) -> AnswerStream:
-        """Publish a query; the returned stream yields its answer events as they arrive."""
+        """Publish a query; the returned stream yields its answer events as they arrive.
+
+        `history` (earlier turns of a chat), `max_tokens` and `temperature` shape the answer.
+        """
         tenant = self.settings.default_tenant if tenant is None else tenant
         try:
             query = QueryEvent(
@@ -222,6 +228,9 @@ class QueryClient:
                 k=k,
                 token=str(token) if token else None,  # a FreshnessToken or its text
                 reply_topic=self.reply_topic,
+                history=list(history),
+                max_tokens=max_tokens,
+                temperature=temperature,
             )
         except ValidationError as exc:
             raise InvalidInput(f"invalid query: {_one_line(exc)}") from exc

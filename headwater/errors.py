@@ -62,6 +62,10 @@ class UnknownTenantError(Forbidden, InvalidInput):
     """The tenant is not in `settings.tenants`."""
 
 
+class GatewayUnavailable(Unavailable):
+    """headwater's HTTP API could not be reached or failed on its side (the client's view)."""
+
+
 class DeliveryError(Unavailable):
     """The broker was unreachable or did not acknowledge in time (the event may be lost)."""
 

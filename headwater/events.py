@@ -149,6 +149,15 @@ def document_from(data: dict[str, Any], limits: Limits | None = None) -> Documen
 # -- queries and answers ---------------------------------------------------------------------
 
 
+class ChatTurn(BaseModel):
+    """One earlier message of a conversation (an OpenAI-style chat), passed to the generator."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=16_384)
+
+
 class QueryEvent(_Event):
     """A question for the query consumers; answers go to `reply_topic` keyed by `query_id`."""
 
@@ -159,6 +168,15 @@ class QueryEvent(_Event):
     k: int = Field(default=5, ge=1, le=100)
     token: str | None = Field(default=None, max_length=4096, description="Freshness token.")
     reply_topic: str | None = Field(default=None, max_length=249)
+    history: list[ChatTurn] = Field(
+        default_factory=list, max_length=64, description="Earlier turns of a chat, oldest first."
+    )
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Longest answer in tokens (the server's cap still holds)."
+    )
+    temperature: float | None = Field(
+        default=None, ge=0, le=2, description="Sampling temperature; none or 0: greedy."
+    )
     ts: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -179,6 +197,18 @@ class Hit(BaseModel):
         return self.model_dump()
 
 
+class IndexedDocument(BaseModel):
+    """A document as the index holds it now: live version, metadata and chunk texts in order."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    doc_id: str
+    version: int
+    text: str = Field(description="The live chunks' texts in document order, blank-line joined.")
+    chunk_ids: list[str] = Field(default_factory=list)
+    metadata: dict[str, Scalar] = Field(default_factory=dict)
+
+
 class AnswerEvent(_Event):
     """One piece of a streamed answer: `hits`, then `token` batches, then `done` (or `error`)."""
 
@@ -190,6 +220,12 @@ class AnswerEvent(_Event):
     text: str | None = None
     adapter_version: str | None = None
     timing: dict[str, float] | None = None
+    usage: dict[str, int] | None = Field(
+        default=None, description="prompt_tokens and completion_tokens of the answer (done)."
+    )
+    finish_reason: Literal["stop", "length"] | None = Field(
+        default=None, description="Why the answer ended (done): its end, or the token limit."
+    )
     error: str | None = None
 
 

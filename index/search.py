@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 from headwater.errors import FreshnessTimeout, SearchError, UnknownTenantError
-from headwater.events import Hit
+from headwater.events import Hit, IndexedDocument
 from headwater.settings import Settings
 from index.embedder import Embedder
 from index.store import ChunkStore, doc_key
@@ -51,6 +51,38 @@ class Searcher:
                 break
             limit *= 4  # many hits were superseded chunks awaiting cleanup: look deeper
         return hits[:k]
+
+    def documents(
+        self, doc_ids: list[str], *, tenant: str, token: str | None = None
+    ) -> list[IndexedDocument]:
+        """The live documents among `doc_ids` (at most MAX_K), in that order; others are left out.
+
+        The text is rebuilt from the live chunks: exact for a one-chunk document, the chunker's
+        normalised text otherwise.
+        """
+        if len(doc_ids) > MAX_K:
+            raise SearchError(f"at most {MAX_K} documents at once")
+        if not self.settings.tenant_known(tenant):
+            raise UnknownTenantError(f"unknown tenant {tenant!r}")
+        if token:
+            self.wait(token)
+        keys = {d: doc_key(tenant, d) for d in doc_ids}
+        states = self.store.doc_states(set(keys.values()))
+        live = [states[k] for k in keys.values() if k in states and not states[k].deleted]
+        texts = self.store.texts({c for s in live for c in s.chunk_ids})
+        out = []
+        for doc_id, key in keys.items():
+            state = states.get(key)
+            if state is None or state.deleted:
+                continue
+            out.append(
+                IndexedDocument(
+                    doc_id=doc_id, version=state.version, chunk_ids=list(state.chunk_ids),
+                    text="\n\n".join(texts.get(c, "") for c in state.chunk_ids),
+                    metadata=state.metadata,
+                )
+            )  # fmt: skip
+        return out
 
     def wait(self, token: str) -> None:
         """Block (bounded) until the indexer has applied `token`; SearchError if it has not."""

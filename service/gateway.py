@@ -37,6 +37,9 @@ from headwater.events import TENANT_RE, AnswerEvent, Scalar
 from headwater.health import Health
 from headwater.probes import bearer_ok, guard_exposure, probe_body
 from headwater.settings import Settings
+from service.routes import documents as documents_routes
+from service.routes import events as events_routes
+from service.routes import openai_compat as openai_routes
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +114,15 @@ def create_app(
     registry: CollectorRegistry = REGISTRY,
     on_shutdown: list[Callable[[], None]] | None = None,
     health: Health | None = None,
+    embedder: Any = None,
+    models: Callable[[str], list[str]] | None = None,
 ) -> FastAPI:
     """The API around these collaborators (Searcher, DocumentPublisher, QueryClient, ...).
 
     `health` answers /healthz, /readyz and /livez (Kafka and Milvus reachable, checked in the
-    background); without one they only say the process answers.
+    background); without one they only say the process answers. `embedder` serves
+    `/v1/embeddings` (default: the searcher's); `models(tenant)` lists the model ids of
+    `/v1/models` (default: the generator's name).
     """
     closers = list(on_shutdown or [])
 
@@ -348,6 +355,17 @@ def create_app(
 
         return EventSourceResponse(events())
 
+    # -- the ecosystem's protocols (service/routes) -------------------------------------------
+    app.include_router(documents_routes.router(Tenant, searcher=searcher, fail=_fail))
+    app.include_router(events_routes.router(settings, Tenant, publisher=publisher, fail=_fail))
+    app.include_router(
+        openai_routes.router(
+            settings, Tenant, query_client=query_client, fail=_fail,
+            embedder=embedder if embedder is not None else getattr(searcher, "embedder", None),
+            models=models or (lambda tenant: [settings.generator or "extractive"]),
+        )
+    )  # fmt: skip
+
     # -- operations --------------------------------------------------------------------------
     def _probe(ok: bool, results: dict) -> JSONResponse:
         body = {**probe_body(ok, results), "version": __version__}
@@ -407,6 +425,7 @@ def build_app(settings: Settings, *, embedder: Any = None, health: Health | None
         subscriptions=subscriptions,
         on_shutdown=[query_client.close, subscriptions.close, publisher.close, index.close],
         health=health,
+        models=openai_routes.adapter_models(settings),
     )
 
 

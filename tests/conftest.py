@@ -126,3 +126,70 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
             stacks.append(f"--- thread {t.name} ---\n{stack}")
         report.sections.append(("live threads at failure", "\n".join(stacks)))
     return report
+
+
+@pytest.fixture(scope="session")
+def live_app(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory):
+    """One gateway on the real stack for the protocol tests, served over HTTP on a free port.
+
+    Indexer, query consumer (the tiny test generator: it always writes `max_new_tokens` tokens)
+    and standing matcher run in threads; tenants are open ("*"): `admin` (the admin token, with
+    X-Tenant) or `tok-a`/`tok-b` (bound to tenants a and b). Tests pick their own tenants.
+    """
+    import threading
+    from types import SimpleNamespace
+
+    from pydantic import SecretStr
+
+    from consumers.answerer import Answerer
+    from consumers.indexer import Indexer
+    from consumers.replies import QueryClient
+    from consumers.standing import StandingMatcher
+    from consumers.subscriptions import SubscriptionClient
+    from index.index import open_index
+    from producers.publisher import DocumentPublisher
+    from service.gateway import create_app, serve
+    from stack.daemon import port_open
+    from tests.test_generation import shared_embedder, tiny_generator
+
+    tag = "p" + uuid.uuid4().hex[:10]
+    s = stack_settings.model_copy(
+        update={
+            "topic_prefix": tag, "collection_prefix": tag, "indexer_group": f"{tag}-indexer",
+            "query_group": f"{tag}-query", "standing_group": f"{tag}-standing",
+            "data_dir": tmp_path_factory.mktemp("live"), "batch_max_ms": 20,
+            "freshness_wait_s": 60.0, "tenants": ["*"], "api_port": free_port(),
+            "api_token": SecretStr("admin"), "api_tokens": {"tok-a": "a", "tok-b": "b"},
+            "max_new_tokens": 12, "query_timeout_s": 60.0,
+        }
+    )  # fmt: skip
+    ensure_topics(s)
+    embedder = shared_embedder(s)
+    indexes = [open_index(s, embedder=embedder) for _ in range(3)]
+    stop = threading.Event()
+    answerer = Answerer(s, indexes[1].searcher, tiny_generator(max_new_tokens=12),
+                        follow_adapters=False)  # fmt: skip
+    loops = [Indexer(s, embedder, indexes[0].store).run, answerer.run,
+             StandingMatcher(s, embedder, indexes[2].store).run]  # fmt: skip
+    threads = [threading.Thread(target=run, args=(stop,), daemon=True) for run in loops]
+    publisher, queries, subs = DocumentPublisher(s), QueryClient(s), SubscriptionClient(s)
+    app = create_app(s, searcher=indexes[1].searcher, publisher=publisher, query_client=queries,
+                     subscriptions=subs)  # fmt: skip
+    threads.append(threading.Thread(target=serve, args=(app, s, stop), daemon=True))
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while not port_open("127.0.0.1", s.api_port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert answerer.ready.wait(60), "the answerer never got its partitions"
+    try:
+        yield SimpleNamespace(
+            url=f"http://127.0.0.1:{s.api_port}", settings=s, embedder=embedder,
+            admin="admin", model=s.generator,
+        )  # fmt: skip
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        for closer in (queries.close, subs.close, publisher.close, *(i.close for i in indexes)):
+            closer()

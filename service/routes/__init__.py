@@ -1,0 +1,1 @@
+"""Route groups the gateway includes, each an APIRouter around the gateway's tenant dependency."""
