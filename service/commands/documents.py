@@ -23,6 +23,7 @@ from headwater.tokens import FreshnessToken
 from producers.corpus import count_records, default_corpus_dir, read_corpus, replay
 from producers.publisher import DocumentPublisher
 from producers.watch import FolderWatcher
+from service.commands import remote
 
 EXIT_BAD_INPUT = 2
 EXIT_DELIVERY = 1
@@ -39,6 +40,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metadata", help='JSON object of scalars, e.g. \'{"lang": "en"}\'')
     p.add_argument("--version", type=int, help="document version (default: from the clock)")
     _json(p)
+    remote.add_url(p)
     p.set_defaults(func=_publish)
 
     p = sub.add_parser("delete", help="delete one document")
@@ -46,6 +48,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _tenant(p)
     p.add_argument("--version", type=int, help="document version (default: from the clock)")
     _json(p)
+    remote.add_url(p)
     p.set_defaults(func=_delete)
 
     p = sub.add_parser("replay", help="replay a document-change corpus (snapshot, then edits)")
@@ -80,6 +83,8 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
         text = args.text if args.text is not None else _read_text(args.file)
     except ValueError as exc:
         return _fail(str(exc))
+    if args.url:
+        return remote.publish(args, text, metadata)
     return _send(
         settings, args, "published",
         lambda pub: pub.upsert(
@@ -90,6 +95,8 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _delete(settings: Settings, args: argparse.Namespace) -> int:
+    if args.url:
+        return remote.delete(args)
     return _send(
         settings, args, "deleted",
         lambda pub: pub.delete(

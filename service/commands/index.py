@@ -9,6 +9,7 @@ import sys
 from headwater.errors import InvalidInput, Timeout
 from headwater.runtime.shutdown import stop_on_signals
 from headwater.settings import Settings
+from service.commands import remote
 from service.commands.stack import require_stack
 from service.running import add_service_args, service, with_args
 
@@ -30,6 +31,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="wait (bounded) until the index has applied this freshness token",
     )
     p.add_argument("--json", action="store_true")
+    remote.add_url(p)
     p.set_defaults(func=_search)
 
     p = sub.add_parser("verify", help="compare the index with the documents topic (the truth)")
@@ -58,6 +60,8 @@ def _indexer(settings: Settings, args: argparse.Namespace) -> int:
 def _search(settings: Settings, args: argparse.Namespace) -> int:
     from index.index import open_index
 
+    if args.url:
+        return remote.search(args)
     require_stack(settings)
     tenant = args.tenant or settings.default_tenant
     with open_index(settings) as index:

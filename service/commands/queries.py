@@ -9,6 +9,7 @@ from typing import Any
 
 from headwater.runtime.shutdown import stop_on_signals
 from headwater.settings import Settings
+from service.commands import remote
 from service.running import add_service_args, service, with_args
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token", help="freshness token: see writes up to it")
     p.add_argument("--timeout", type=float, help="seconds to wait for each answer event")
     p.add_argument("--json", action="store_true", help="print every answer event as JSON")
+    remote.add_url(p)
     p.set_defaults(func=_ask)
 
     p = sub.add_parser("serve", help="run the HTTP API (documents, search, ask, subscriptions)")
@@ -46,6 +48,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max", type=int, help="exit after this many notifications")
     p.add_argument("--idle", type=float, help="exit after this many seconds without one")
     p.add_argument("--json", action="store_true", help="print notifications as JSON")
+    remote.add_url(p)
     p.set_defaults(func=_subscribe)
 
 
@@ -61,6 +64,8 @@ def _ask(settings: Settings, args: argparse.Namespace) -> int:
     from consumers.replies import QueryClient
     from headwater.errors import Forbidden, InvalidInput, QueryError
 
+    if args.url:
+        return remote.ask(args)
     client = QueryClient(settings)
     hits: list[Any] = []
     answered = False
@@ -151,6 +156,8 @@ def _subscribe(settings: Settings, args: argparse.Namespace) -> int:
     from consumers.subscriptions import SubscriptionClient
     from headwater.errors import Forbidden, InvalidInput, QueryError
 
+    if args.url:
+        return remote.subscribe(args, _print_notification)
     subs = SubscriptionClient(settings)
     try:
         sub = subs.build(args.query, tenant=args.tenant, threshold=args.threshold)
