@@ -111,6 +111,12 @@ class Client(_Base):
         params = _params(q=query, k=k, token=self._token(token))
         return _hits(self._call("GET", "/v1/search", params=params).json())
 
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """The index embedder's vectors of `texts` (OpenAI's `/v1/embeddings`)."""
+        body = {"model": "headwater", "input": texts, "encoding_format": "float"}
+        data = self._call("POST", "/v1/embeddings", json=body).json()["data"]
+        return [d["embedding"] for d in sorted(data, key=lambda d: d["index"])]
+
     def documents(self, doc_ids: Iterable[str], *, token: object = _KEEP) -> list[IndexedDocument]:
         """The documents among `doc_ids` as indexed now (absent or deleted ones left out)."""
         ids = list(doc_ids)
@@ -209,6 +215,11 @@ class AsyncClient(_Base):
     async def search(self, query: str, *, k: int = 5, token: object = _KEEP) -> list[Hit]:
         params = _params(q=query, k=k, token=self._token(token))
         return _hits((await self._call("GET", "/v1/search", params=params)).json())
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        body = {"model": "headwater", "input": texts, "encoding_format": "float"}
+        data = (await self._call("POST", "/v1/embeddings", json=body)).json()["data"]
+        return [d["embedding"] for d in sorted(data, key=lambda d: d["index"])]
 
     async def documents(
         self, doc_ids: Iterable[str], *, token: object = _KEEP
@@ -336,8 +347,10 @@ def _check(response: httpx.Response, content: bytes) -> httpx.Response:
     if status < 400:
         return response
     try:
-        detail = json.loads(content).get("detail") or content.decode(errors="replace")
-    except (ValueError, AttributeError):
+        body = json.loads(content)
+        # The gateway says {"detail": ...}; its OpenAI routes {"error": {"message": ...}}.
+        detail = body.get("detail") or body["error"]["message"]
+    except (ValueError, AttributeError, KeyError, TypeError):
         detail = content.decode(errors="replace")
     message = f"{status}: {' '.join(str(detail).split())[:500]}"
     if status in (401, 403):
