@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     )
     debezium_columns: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=lambda: {"doc_id": "id", "text": "text"},
-        description='JSON {"doc_id"|"text"|"version"|"tenant": column} of Debezium rows.',
+        description="JSON {field: column}: doc_id and text columns; version, tenant optional.",
     )
     debezium_metadata_columns: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Row columns copied into a document's metadata."

@@ -134,7 +134,8 @@ def live_app(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
 
     Indexer, query consumer (the tiny test generator: it always writes `max_new_tokens` tokens)
     and standing matcher run in threads; tenants are open ("*"): `admin` (the admin token, with
-    X-Tenant) or `tok-a`/`tok-b` (bound to tenants a and b). Tests pick their own tenants.
+    X-Tenant) or `tok-a`/`tok-b` (bound to tenants a and b), `secret` (tenant-a, the README's).
+    Tests pick their own tenants.
     """
     import threading
     from types import SimpleNamespace
@@ -159,7 +160,8 @@ def live_app(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
             "query_group": f"{tag}-query", "standing_group": f"{tag}-standing",
             "data_dir": tmp_path_factory.mktemp("live"), "batch_max_ms": 20,
             "freshness_wait_s": 60.0, "tenants": ["*"], "api_port": free_port(),
-            "api_token": SecretStr("admin"), "api_tokens": {"tok-a": "a", "tok-b": "b"},
+            "api_token": SecretStr("admin"),
+            "api_tokens": {"tok-a": "a", "tok-b": "b", "secret": "tenant-a"},
             "max_new_tokens": 12, "query_timeout_s": 60.0,
         }
     )  # fmt: skip

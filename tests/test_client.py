@@ -71,9 +71,17 @@ def test_subscribe_and_follow_notifications(live_app):
 def test_cloudevents_over_http(live_app):
     me = tenant()
     with Client(live_app.url, api_token="admin", tenant=me) as hw:
-        binary = ce_http.to_binary_event(CloudEvent(
-            attributes={"type": "com.example.page.created", "source": "/wiki", "subject": "p1",
-                        "datacontenttype": "text/plain"}, data="Glaciers carve fjords slowly."))
+        binary = ce_http.to_binary_event(
+            CloudEvent(
+                attributes={
+                    "type": "com.example.page.created",
+                    "source": "/wiki",
+                    "subject": "p1",
+                    "datacontenttype": "text/plain",
+                },
+                data="Glaciers carve fjords slowly.",
+            )
+        )
         structured = ce_http.to_structured_event(CloudEvent(
             attributes={"type": "com.example.page.updated", "source": "/wiki", "subject": "p2",
                         "tenant": me}, data={"text": "Rivers deposit silt in deltas.",
@@ -92,8 +100,12 @@ def test_cloudevents_over_http(live_app):
         hw.send_events(batch, {"content-type": "application/cloudevents-batch+json"})
         assert hw.documents(["p1", "p2"]) == []
 
-        foreign = ce_http.to_structured_event(CloudEvent(attributes={
-            "type": "page.created", "source": "/x", "subject": "p3", "tenant": "b"}, data="x"))
+        foreign = ce_http.to_structured_event(
+            CloudEvent(
+                attributes={"type": "page.created", "source": "/x", "subject": "p3", "tenant": "b"},
+                data="x",
+            )
+        )
         with pytest.raises(Forbidden, match="tenant"):
             hw.send_events(foreign.body, foreign.headers)  # the token's tenant, not the payload's
         unknown = ce_http.to_structured_event(CloudEvent(attributes={
