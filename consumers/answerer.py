@@ -23,11 +23,12 @@ from prometheus_client import Counter, Histogram
 
 from consumers.adapters import AdapterFollower
 from consumers.generation import Generation, Generator, extractive_answer
-from headwater.errors import Cancelled, EventError, UnknownTenantError
+from headwater.errors import Cancelled, EventError, GenerationError, UnknownTenantError
 from headwater.events import TENANT_RE, AnswerEvent, ChatTurn, Hit, QueryEvent, parse_query
 from headwater.runtime.outbox import Outbox
 from headwater.runtime.pool import PoolLoop
 from headwater.settings import Settings
+from models.adapters import adapter_path, valid_version
 
 log = logging.getLogger(__name__)
 
@@ -243,9 +244,7 @@ class Answerer:
             adapter = None
         else:
             prompt = build_prompt(query.text, hits, self.settings.prompt_max_chars, query.history)
-            generation = self.generator.stream(
-                prompt, max_new_tokens=query.max_tokens, temperature=query.temperature
-            )
+            generation = self._generation(query, prompt)
             pieces, adapter, limit = generation, generation.adapter, generation.max_new_tokens
         sent, cut = 0, False
         try:
@@ -272,6 +271,21 @@ class Answerer:
                      "completion_tokens": generation.completion_tokens}  # fmt: skip
             cut = generation.completion_tokens >= limit
         return adapter, first, usage, "length" if cut else "stop"
+
+    def _generation(self, query: QueryEvent, prompt: list[dict[str, str]]) -> Generation:
+        """Start the generation: the current adapter, or the version the query names."""
+        assert self.generator is not None
+        options = {"max_new_tokens": query.max_tokens, "temperature": query.temperature}
+        if query.adapter is None or query.adapter == self.generator.current:
+            return self.generator.stream(prompt, **options)
+        if not valid_version(query.adapter):
+            raise GenerationError(f"not an adapter version: {query.adapter[:64]!r}")
+        # Loaded for this generation only: released (unloaded once idle) unless it is current.
+        self.generator.load_adapter(query.adapter, adapter_path(self.settings, query.adapter))
+        try:
+            return self.generator.stream(prompt, query.adapter, **options)
+        finally:
+            self.generator.release(query.adapter)
 
     def _reply_topic(self, query: QueryEvent) -> str:
         return reply_topic_for(self.settings, query.reply_topic)

@@ -170,6 +170,15 @@ class Generator:
                 self._loaded[version] = path
         log.info("loaded adapter %s from %s", version, path)
 
+    def release(self, version: str) -> None:
+        """A version loaded for generations that asked for it by name: unload it after its last
+        generation, unless it is (or becomes) the current one."""
+        with self._state_lock:
+            if version != self.current and version in self._loaded:
+                self._retired.add(version)
+        with self._model_lock:
+            self._unload_unused()
+
     def set_current(self, version: str | None) -> None:
         """Serve `version` (None: the bare base model) to generations that start from now on."""
         with self._state_lock:

@@ -214,10 +214,12 @@ class QueryClient:
         history: Sequence[ChatTurn] = (),
         max_tokens: int | None = None,
         temperature: float | None = None,
+        adapter: str | None = None,
     ) -> AnswerStream:
         """Publish a query; the returned stream yields its answer events as they arrive.
 
-        `history` (earlier turns of a chat), `max_tokens` and `temperature` shape the answer.
+        `history` (earlier turns of a chat), `max_tokens`, `temperature` and `adapter` (a
+        version to answer with instead of the current one) shape the answer.
         """
         tenant = self.settings.default_tenant if tenant is None else tenant
         try:
@@ -231,6 +233,7 @@ class QueryClient:
                 history=list(history),
                 max_tokens=max_tokens,
                 temperature=temperature,
+                adapter=adapter,
             )
         except ValidationError as exc:
             raise InvalidInput(f"invalid query: {_one_line(exc)}") from exc

@@ -177,6 +177,9 @@ class QueryEvent(_Event):
     temperature: float | None = Field(
         default=None, ge=0, le=2, description="Sampling temperature; none or 0: greedy."
     )
+    adapter: str | None = Field(
+        default=None, max_length=64, description="Adapter version to answer with (not current)."
+    )
     ts: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 

@@ -150,6 +150,7 @@ def live_app(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
     from index.index import open_index
     from producers.publisher import DocumentPublisher
     from service.gateway import create_app, serve
+    from service.routes.openai_compat import adapter_models
     from stack.daemon import port_open
     from tests.test_generation import shared_embedder, tiny_generator
 
@@ -176,7 +177,7 @@ def live_app(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
     threads = [threading.Thread(target=run, args=(stop,), daemon=True) for run in loops]
     publisher, queries, subs = DocumentPublisher(s), QueryClient(s), SubscriptionClient(s)
     app = create_app(s, searcher=indexes[1].searcher, publisher=publisher, query_client=queries,
-                     subscriptions=subs)  # fmt: skip
+                     subscriptions=subs, models=adapter_models(s))  # fmt: skip
     threads.append(threading.Thread(target=serve, args=(app, s, stop), daemon=True))
     for t in threads:
         t.start()
@@ -187,7 +188,7 @@ def live_app(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
     try:
         yield SimpleNamespace(
             url=f"http://127.0.0.1:{s.api_port}", settings=s, embedder=embedder,
-            admin="admin", model=s.generator,
+            admin="admin", model=s.generator, answerer=answerer,
         )  # fmt: skip
     finally:
         stop.set()

@@ -6,8 +6,10 @@ consumers): the last user message is the question, earlier messages are the chat
 cap). Streamed (`stream: true`) it sends `chat.completion.chunk` objects and `data: [DONE]`;
 otherwise one `chat.completion`. The citations travel in an extra top-level field `citations`
 (the first chunk of a stream; the response otherwise), which plain OpenAI clients ignore, and
-`headwater` carries the query id and the adapter that answered. A freshness token can be given
-as the extra body field `token` (`extra_body={"token": ...}` in the openai SDK).
+`headwater` carries the query id and the adapter that answered. `model` is one of `/v1/models`:
+the base model's id answers with the current adapter, an adapter version's id with that version.
+A freshness token can be given as the extra body field `token` (`extra_body={"token": ...}` in
+the openai SDK).
 
 Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the status
 the gateway gives the same error.
@@ -172,6 +174,7 @@ def router(
                     question, tenant=tenant, mode="answer", k=body.k, token=body.token,
                     history=history, max_tokens=body.max_completion_tokens or body.max_tokens,
                     temperature=body.temperature,
+                    adapter=None if body.model == known[0] else body.model,
                 )
             )  # fmt: skip
         except Exception as exc:
@@ -276,7 +279,7 @@ def _json(value: Any) -> str:
 
 
 def adapter_models(settings: Settings) -> Callable[[str], list[str]]:
-    """Model ids: the base generator, then the adapter versions that can serve (newest last).
+    """Model ids: the base generator first, then the adapter versions that can serve.
 
     The registry holds one adapter line for every tenant today, so every tenant sees the same.
     """
