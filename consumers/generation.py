@@ -172,12 +172,11 @@ class Generator:
 
     def release(self, version: str) -> None:
         """A version loaded for generations that asked for it by name: unload it after its last
-        generation, unless it is (or becomes) the current one."""
+        generation ends, unless it is (or becomes) the current one."""
+        # No model lock here: a running generation holds it, and unloads retired versions itself.
         with self._state_lock:
             if version != self.current and version in self._loaded:
                 self._retired.add(version)
-        with self._model_lock:
-            self._unload_unused()
 
     def set_current(self, version: str | None) -> None:
         """Serve `version` (None: the bare base model) to generations that start from now on."""
