@@ -96,9 +96,12 @@ def build_prompt(
             break
         budget -= len(turn.content)
         turns.append({"role": turn.role, "content": turn.content})
+    turns.reverse()
+    while turns and turns[0]["role"] == "assistant":
+        turns.pop(0)  # a kept answer whose question did not fit means nothing alone
     return [
         {"role": "system", "content": system[: max_chars + len(SYSTEM_PROMPT)]},
-        *reversed(turns),
+        *turns,
         {"role": "user", "content": f"Passages:\n\n{passages}\n\nQuestion: {question}"},
     ]
 

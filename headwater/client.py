@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -100,7 +101,7 @@ class Client(_Base):
 
     def delete(self, doc_id: str, *, version: int | None = None) -> FreshnessToken:
         params = {} if version is None else {"version": version}
-        return self._wrote(self._call("DELETE", f"/v1/documents/{doc_id}", params=params))
+        return self._wrote(self._call("DELETE", _doc_path(doc_id), params=params))
 
     def send_events(self, body: bytes, headers: dict[str, str]) -> FreshnessToken:
         """Post CloudEvents (any HTTP mode: give its headers and body)."""
@@ -210,7 +211,7 @@ class AsyncClient(_Base):
 
     async def delete(self, doc_id: str, *, version: int | None = None) -> FreshnessToken:
         params = {} if version is None else {"version": version}
-        return self._wrote(await self._call("DELETE", f"/v1/documents/{doc_id}", params=params))
+        return self._wrote(await self._call("DELETE", _doc_path(doc_id), params=params))
 
     async def search(self, query: str, *, k: int = 5, token: object = _KEEP) -> list[Hit]:
         params = _params(q=query, k=k, token=self._token(token))
@@ -267,6 +268,11 @@ class AsyncClient(_Base):
 
 
 # -- shared helpers ----------------------------------------------------------------------------
+
+
+def _doc_path(doc_id: str) -> str:
+    # Doc ids are paths and may hold spaces, "?" or "#": only "/" may stay as it is.
+    return "/v1/documents/" + quote(doc_id, safe="/")
 
 
 def _params(**values: Any) -> dict[str, Any]:

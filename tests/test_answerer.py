@@ -19,7 +19,7 @@ from consumers.answerer import (
 from consumers.indexer import Indexer
 from consumers.replies import QueryClient
 from headwater.errors import InvalidInput, QueryTimeout, UnknownTenantError
-from headwater.events import AdapterAnnouncement, AnswerEvent, Hit, QueryEvent
+from headwater.events import AdapterAnnouncement, AnswerEvent, ChatTurn, Hit, QueryEvent
 from headwater.runtime.clients import admin, consumer, producer
 from headwater.settings import Settings
 from index.search import Searcher
@@ -327,6 +327,25 @@ def test_build_prompt_numbers_passages_within_budget():
     assert "[1] (a.md, Intro) alpha" in user
     assert "[2]" not in user  # the budget went to the first passage
     assert len(user) < 300
+
+
+def test_build_prompt_keeps_the_latest_chat_turns_within_budget():
+    history = [
+        ChatTurn(role="system", content="Be brief."),
+        ChatTurn(role="user", content="old question " * 30),
+        ChatTurn(role="assistant", content="old answer"),
+        ChatTurn(role="user", content="recent question"),
+        ChatTurn(role="assistant", content="recent answer"),
+    ]
+    hits = [FakeHit("a.md", 1, "c1", 0.9, "alpha")]
+    msgs = build_prompt("Why?", hits, max_chars=200, history=history)
+    assert msgs[0]["role"] == "system" and msgs[0]["content"].endswith("\n\nBe brief.")
+    # The 390-character old question does not fit the 200 left: it and all before it go, and
+    # so does the old answer (an answer without its question).
+    assert [(m["role"], m["content"]) for m in msgs[1:-1]] == [
+        ("user", "recent question"), ("assistant", "recent answer"),
+    ]  # fmt: skip
+    assert msgs[-1]["role"] == "user" and msgs[-1]["content"].endswith("Question: Why?")
 
 
 def test_reply_topic_is_confined_to_answers(settings):

@@ -41,6 +41,11 @@ def test_publish_search_ask_delete_read_your_writes(live_app):
         hw.delete("tides.md")
         assert all(h.doc_id != "tides.md" for h in hw.search("high tide harbour", k=5))
         assert hw.documents(["tides.md"]) == []
+        odd = "logs/a b?c#d%20.md"  # a path that must be quoted to reach the gateway intact
+        hw.publish(odd, "Odd names are document ids too.")
+        assert [d.doc_id for d in hw.documents([odd])] == [odd]
+        hw.delete(odd)
+        assert hw.documents([odd]) == []
         with pytest.raises(InvalidInput, match="422"):
             hw.publish("bad\x00id", "x")
     with Client(live_app.url, api_token="wrong") as nobody, pytest.raises(Forbidden):
