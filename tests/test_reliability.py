@@ -631,7 +631,8 @@ _DROP = object()
 BREAKERS = [
     lambda e, b: (e.key, e.to_bytes()[: len(e.to_bytes()) // 2]),  # truncated JSON
     lambda e, b: (e.key, b),  # arbitrary bytes (never a JSON object)
-    lambda e, b: (e.key, None),  # a null value
+    # A null value deletes the document its key names; under a key that names none it is bad.
+    lambda e, b: (e.tenant.encode(), None),
     lambda e, b: (e.key, b"[1, 2, 3]"),
     lambda e, b: (e.key, _raw(e, version="seven")),
     lambda e, b: (e.key, _raw(e, version=1.5)),
