@@ -22,8 +22,8 @@ from kafka.consumer.fetcher import ConsumerRecord
 from prometheus_client import Counter, Histogram
 
 from consumers.intake import Intake
-from headwater.errors import EmbedderError, NoChange, StoreError
-from headwater.events import DocumentEvent
+from headwater.errors import NoChange, StoreError
+from headwater.events import Logged
 from headwater.runtime.batches import Batch, BatchLoop
 from headwater.runtime.deadletter import DeadLetters, OnError, skip
 from headwater.runtime.outbox import Outbox
@@ -82,7 +82,7 @@ class Indexer:
             self.stats.dead_lettered += 1
             dead_letters(exc, record, out)
 
-        self.loop: BatchLoop[DocumentEvent] = BatchLoop(
+        self.loop: BatchLoop[Logged] = BatchLoop(
             settings,
             [settings.documents_topic, *settings.debezium_topics],
             group=settings.indexer_group,
@@ -123,19 +123,18 @@ class Indexer:
 
     # -- the sink ------------------------------------------------------------------------------
     def _write(
-        self, items: list[tuple[ConsumerRecord, DocumentEvent]], out: Outbox
+        self, items: list[tuple[ConsumerRecord, Logged]], out: Outbox
     ) -> list[tuple[ConsumerRecord, Exception]]:
         self._t0 = time.monotonic()
-        origin = {id(event): record for record, event in items}
+        origin = {id(logged): record for record, logged in items}
         try:
-            applied = self.writer.apply([event for _, event in items])
+            applied = self.writer.apply([logged for _, logged in items])
         except StoreError:
             self.stats.store_retries += 1
             raise
-        failed = [(origin[id(e)], EmbedderError(reason)) for e, reason in applied.failed]
-        for event, change in applied.changes:
-            record = origin[id(event)]
-            out.send(self.settings.changes_topic, change.to_bytes(), origin=record,
+        failed = [(origin[id(logged)], exc) for logged, exc in applied.failed]
+        for logged, change in applied.changes:
+            out.send(self.settings.changes_topic, change.to_bytes(), origin=origin[id(logged)],
                      key=change.tenant.encode() + b"/" + change.doc_id.encode())  # fmt: skip
         s = self.stats
         s.embedded += applied.embedded
@@ -144,7 +143,7 @@ class Indexer:
         s.stale += applied.stale
         return failed
 
-    def _committed(self, batch: Batch[DocumentEvent]) -> None:
+    def _committed(self, batch: Batch[Logged]) -> None:
         now_ms = time.time() * 1000
         for record in batch.records:
             INDEXED_AFTER.observe(max(0.0, (now_ms - record.timestamp) / 1000))

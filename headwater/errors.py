@@ -108,6 +108,10 @@ class ChunkBudgetExceeded(ChunkerError):
     """Chunking one document took longer than its `budget_s`; the message is one line."""
 
 
+class TooManyChunks(ChunkerError):
+    """A document makes more chunks than `settings.max_doc_chunks` allows."""
+
+
 class EmbedderError(HeadwaterError):
     """The embedding model could not be loaded or failed to embed."""
 
@@ -120,6 +124,10 @@ class FreshnessTimeout(Timeout):
     """The indexer has not applied the freshness token within the bounded wait."""
 
 
+class TokenBeyondLog(SearchError):
+    """A freshness token names offsets the documents topic has not reached: it can never apply."""
+
+
 # -- queries and answers -----------------------------------------------------------------------
 
 
@@ -129,6 +137,10 @@ class QueryError(Unavailable):
 
 class QueryTimeout(Timeout):
     """No answer event arrived in time (is an answerer running?)."""
+
+
+class QueryAbandoned(HeadwaterError):
+    """The asker of a query closed its stream: the rest of the answer is not generated."""
 
 
 class GenerationError(HeadwaterError):
@@ -179,3 +191,28 @@ class InsecureService(InvalidInput):
 
 class BenchError(HeadwaterError):
     """A benchmark could not run (missing corpus, a stack that did not come up)."""
+
+
+# -- what a client may be told -----------------------------------------------------------------
+
+_SERVICES: tuple[tuple[type[HeadwaterError], str], ...] = (
+    (StoreError, "the index (Milvus) is unavailable"),
+    (DeliveryError, "the document log (Kafka) did not acknowledge the write"),
+    (KafkaUnavailable, "the event log (Kafka) is unavailable"),
+    (QueryError, "the query could not be asked or answered"),
+    (GenerationError, "the answer could not be generated"),
+    (EmbedderError, "the embedder failed"),
+)
+
+
+def public_message(exc: BaseException) -> str:
+    """The one line a client may see: the fault of its own request in full, a service's failure
+    by kind only (addresses and Milvus' or Kafka's messages stay in the server log)."""
+    if isinstance(exc, InvalidInput | Forbidden | Timeout | Busy):
+        return " ".join(str(exc).split())[:1000] or type(exc).__name__
+    for cls, what in _SERVICES:
+        if isinstance(exc, cls):
+            return f"{what}; try again later (details in the server log)"
+    if isinstance(exc, Unavailable):
+        return "a service headwater needs is unavailable; try again later"
+    return "internal error (details in the server log)"

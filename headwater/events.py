@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-import time
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from headwater.errors import EventError
+from headwater.versions import INT64_MAX, Stamp
 
 SCHEMA_VERSION = 1
 TENANT_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -48,13 +49,13 @@ class Limits:
         return cls(settings.max_text_bytes, settings.max_metadata_bytes)
 
 
-def now_version() -> int:
-    """A version from the clock (microseconds) for sources that have none."""
-    return time.time_ns() // 1_000
-
-
 def check_doc_id(doc_id: str) -> str:
-    """Doc ids are source paths: any printable text (they never reach a filter expression)."""
+    """The doc id in NFC: any printable text (it never reaches a filter expression).
+
+    Doc ids are source paths, and "café.md" typed on two systems may arrive composed (NFC) or
+    decomposed (NFD): both name one document, so ids are normalized wherever they enter.
+    """
+    doc_id = unicodedata.normalize("NFC", doc_id)
     if not doc_id or doc_id != doc_id.strip():
         raise ValueError("doc_id must be non-empty without leading/trailing whitespace")
     if len(doc_id.encode()) > MAX_DOC_ID_BYTES:
@@ -85,7 +86,12 @@ class DocumentEvent(_Event):
     tenant: Tenant
     doc_id: str
     op: Literal["upsert", "delete"]
-    version: int = Field(ge=0, description="Monotonic per document; newer wins.")
+    version: int | None = Field(
+        default=None,
+        ge=0,
+        le=INT64_MAX,
+        description="The source's own version, if it has one (see headwater.versions).",
+    )
     text: str | None = None
     metadata: dict[str, Scalar] = Field(default_factory=dict)
     source: str = Field(default="api", max_length=MAX_SOURCE_CHARS)
@@ -126,6 +132,19 @@ class DocumentEvent(_Event):
     def key(self) -> bytes:
         """Kafka key: one document's events share a partition, so they stay in order."""
         return kafka_key(self.tenant, self.doc_id)
+
+
+@dataclass(frozen=True)
+class Logged:
+    """A document event and where the documents topic holds it (the order it applies in)."""
+
+    event: DocumentEvent
+    partition: int
+    offset: int
+
+    @property
+    def stamp(self) -> Stamp:
+        return Stamp(self.event.version, self.partition, self.offset)
 
 
 def kafka_key(tenant: str, doc_id: str) -> bytes:
@@ -179,6 +198,12 @@ class QueryEvent(_Event):
     )
     adapter: str | None = Field(
         default=None, max_length=64, description="Adapter version to answer with (not current)."
+    )
+    ttl_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=86_400,
+        description="Seconds the asker waits, from the broker's timestamp of this event.",
     )
     ts: datetime = Field(default_factory=lambda: datetime.now(UTC))
 

@@ -117,6 +117,16 @@ class Settings(BaseSettings):
     embed_batch_size: int = Field(default=64, ge=1, description="Chunks per encode call.")
     embed_device: str = Field(default="cpu", description="torch device of the embedder.")
     chunk_tokens: int = Field(default=200, ge=16, description="Target tokens per chunk.")
+    chunk_budget_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest chunking of one document; past it the event is dead-lettered.",
+    )
+    max_doc_chunks: int = Field(
+        default=5000,
+        ge=1,
+        description="Most chunks one document may make; more is dead-lettered with the reason.",
+    )
     batch_max_events: int = Field(default=500, ge=1, description="Events per indexer batch.")
     batch_max_ms: int = Field(default=100, ge=0, description="Longest wait to fill a batch.")
     indexer_group: str = Field(default="headwater-indexer", description="Consumer group id.")
@@ -135,7 +145,9 @@ class Settings(BaseSettings):
         default=None, description="Admin bearer token for the API; its tenant comes from X-Tenant."
     )
     api_tokens: Annotated[dict[str, str], NoDecode] = Field(
-        default_factory=dict, description='JSON {"token": "tenant"}; each token sees one tenant.'
+        default_factory=dict,
+        repr=False,  # secrets: never in a repr, a log line or a traceback
+        description='JSON {"token": "tenant"}; each token sees one tenant.',
     )
     metrics_host: str = Field(
         default="127.0.0.1", description="Bind address of a service's metrics and probes port."
@@ -151,7 +163,34 @@ class Settings(BaseSettings):
     )
     query_workers: int = Field(default=4, ge=1, description="Queries one answerer serves at once.")
     query_timeout_s: float = Field(
-        default=60.0, gt=0, description="Longest a client waits for the next event of an answer."
+        default=60.0,
+        gt=0,
+        description="Longest a client waits for the next event of an answer; a query not "
+        "started within it (from the broker's timestamp) is dropped.",
+    )
+    query_tenant_workers: int = Field(
+        default=2, ge=1, description="Queries of one tenant one answerer serves at once."
+    )
+    query_tenant_backlog: int = Field(
+        default=32,
+        ge=0,
+        description="Queries of one tenant an answerer keeps waiting; more are answered busy.",
+    )
+    search_limit: int = Field(default=16, ge=1, description="Searches one gateway runs at once.")
+    tenant_search_limit: int = Field(
+        default=4, ge=1, description="Searches of one tenant one gateway runs at once."
+    )
+    ask_limit: int = Field(
+        default=32, ge=1, description="Answer streams one gateway serves at once."
+    )
+    tenant_ask_limit: int = Field(
+        default=8, ge=1, description="Answer streams of one tenant one gateway serves at once."
+    )
+    stream_limit: int = Field(
+        default=64, ge=1, description="Notification streams one gateway serves at once."
+    )
+    tenant_stream_limit: int = Field(
+        default=8, ge=1, description="Notification streams of one tenant one gateway serves."
     )
     answer_token_batch: int = Field(default=4, ge=1, description="Text pieces per token event.")
     prompt_max_chars: int = Field(

@@ -7,6 +7,12 @@ and a delete or a late older event cannot resurrect text.
 
 Every value that reaches a filter expression is a hex digest or a validated tenant id, so no
 document id or user text is ever spliced into a Milvus expression.
+
+A state row stays within Milvus' limits for the largest document the settings allow: a JSON
+field holds at most 65,536 bytes (and Milvus 2.3 takes only an object at its top level), so a
+live chunk-id list longer than `INLINE_IDS` goes to pages in a third collection, written before
+the state row that names them (each state's pages are keyed by its log position, so a reader
+holding the previous state row still finds the previous pages until the cleanup step).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from pymilvus import (
 from headwater.errors import StoreError
 from headwater.events import Hit
 from headwater.settings import Settings
+from headwater.versions import Stamp
 from index.embedder import model_slug
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,13 @@ TEXT_MAX = 65_535
 SECTION_MAX = 2_000
 QUERY_CHUNK = 500  # ids per `in [...]` expression, to keep expressions small
 COLLECTION_NOT_LOADED = 101  # Milvus error code: "call load() before search/get/query"
+# Schema of the document-state collections (in their names): 2 = log-ordered stamps, chunk-id
+# lists as objects and pages. The chunk collection's schema is unchanged (its rows are reused).
+STATE_SCHEMA = 2
+# 32-hex chunk ids take 35 bytes each in JSON: 1,500 stay well under the 65,536-byte JSON limit.
+INLINE_IDS = 1500
+NO_VERSION = -1  # a state's source version when the event carried none
+PAGE_READS = 3  # a state re-read this often when its pages were replaced under the reader
 
 
 def doc_key(tenant: str, doc_id: str) -> str:
@@ -75,17 +89,57 @@ def _in(field_name: str, values: Iterable[str]) -> str:
     return f"{field_name} in [{', '.join(lit(v) for v in values)}]"
 
 
+def check_ids(ids: Iterable[object]) -> list[str]:
+    """`ids` as a list, each of the safe charset; ValueError otherwise (defence in depth).
+
+    Every id that reaches pymilvus (`query(ids=...)` does not escape them) goes through here.
+    """
+    out = list(ids)
+    bad = next((i for i in out if not safe_id(i)), None)
+    if bad is not None:
+        raise ValueError(f"refusing to pass {bad!r} to Milvus as an id")
+    return out  # type: ignore[return-value]
+
+
+def page_keys(key: str, stamp: Stamp, pages: int) -> list[str]:
+    """Keys of the chunk-id pages of one state: derived from its log position, so a replay
+    writes the same pages and a newer state never overwrites the pages an older one names."""
+    base = f"{key}/{stamp.partition}/{stamp.offset}/"
+    return [hashlib.sha1(f"{base}{i}".encode()).hexdigest() for i in range(pages)]
+
+
 @dataclass(frozen=True)
 class DocState:
-    """What the index holds for one document: its live version and chunks, or a tombstone."""
+    """What the index holds for one document: its live chunks and stamp, or a tombstone."""
 
     key: str
     tenant: str
     doc_id: str
-    version: int
+    stamp: Stamp
     deleted: bool
     chunk_ids: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def version(self) -> int:
+        """The version readers see (`Stamp.reported`)."""
+        return self.stamp.reported
+
+    @property
+    def pages(self) -> int:
+        """Pages its chunk-id list takes in storage (0: inline in the state row)."""
+        n = len(self.chunk_ids)
+        return 0 if n <= INLINE_IDS else -(-n // INLINE_IDS)
+
+
+_STATE_FIELDS = ["doc_key", "tenant", "doc_id", "version", "log_partition", "log_offset",
+                 "deleted", "chunk_ids", "metadata"]  # fmt: skip
+
+
+def _stamp(row: dict) -> Stamp:
+    version = int(row["version"])
+    return Stamp(None if version == NO_VERSION else version, int(row["log_partition"]),
+                 int(row["log_offset"]))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -109,7 +163,8 @@ class ChunkStore:
         self.settings = settings
         self.dim = dim
         self.chunks = f"{settings.collection_prefix}_chunks_{model_id}_{dim}"
-        self.docs = f"{settings.collection_prefix}_docs_{model_id}_{dim}"
+        self.docs = f"{settings.collection_prefix}_docs_v{STATE_SCHEMA}_{model_id}_{dim}"
+        self.lists = f"{settings.collection_prefix}_lists_v{STATE_SCHEMA}_{model_id}_{dim}"
         self.alias = f"{settings.collection_prefix}_chunks"
         self.client = client or MilvusClient(**settings.milvus_client_config())
         self.hybrid = True
@@ -153,8 +208,14 @@ class ChunkStore:
                 self.hybrid = False
         if not self.client.has_collection(self.docs):
             self._create_docs()
-        for name in (self.chunks, self.docs):
+        if not self.client.has_collection(self.lists):
+            self._create_lists()
+        for name in self._collections:
             self.client.load_collection(name)
+
+    @property
+    def _collections(self) -> tuple[str, str, str]:
+        return (self.chunks, self.docs, self.lists)
 
     def _create_chunks(self, *, bm25: bool) -> None:
         s = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -191,26 +252,41 @@ class ChunkStore:
         s.add_field("doc_key", DataType.VARCHAR, max_length=40, is_primary=True)
         s.add_field("tenant", DataType.VARCHAR, max_length=64)
         s.add_field("doc_id", DataType.VARCHAR, max_length=2048)
-        s.add_field("version", DataType.INT64)
+        s.add_field("version", DataType.INT64)  # the source version, NO_VERSION if none
+        s.add_field("log_partition", DataType.INT64)
+        s.add_field("log_offset", DataType.INT64)
         s.add_field("deleted", DataType.BOOL)
+        # {"ids": [...]} inline, or {"pages": n}: an object (Milvus 2.3 refuses a list).
         s.add_field("chunk_ids", DataType.JSON)
         s.add_field("metadata", DataType.JSON)
-        # Milvus requires a vector field; document state is only ever read by key.
-        s.add_field("nil", DataType.FLOAT_VECTOR, dim=2)
+        self._create_keyed(self.docs, s)
+
+    def _create_lists(self) -> None:
+        s = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
+        s.add_field("page_key", DataType.VARCHAR, max_length=40, is_primary=True)
+        s.add_field("doc_key", DataType.VARCHAR, max_length=40)
+        s.add_field("ids", DataType.JSON)  # {"ids": [...]}, at most INLINE_IDS
+        self._create_keyed(self.lists, s)
+
+    def _create_keyed(self, name: str, schema: Any) -> None:
+        # Milvus requires a vector field; these rows are only ever read by key.
+        schema.add_field("nil", DataType.FLOAT_VECTOR, dim=2)
         idx = self.client.prepare_index_params()
         idx.add_index("nil", index_type="FLAT", metric_type="L2")
-        self._create(self.docs, s, idx)
+        self._create(name, schema, idx)
 
     def _create(self, name: str, schema: Any, index_params: Any) -> None:
         try:
-            self.client.create_collection(
-                name, schema=schema, index_params=index_params, consistency_level="Strong"
-            )
+            self.client.create_collection(name, schema=schema, consistency_level="Strong")
         except MilvusException as exc:
             # Another indexer process created it first.
             if not self.client.has_collection(name):
                 raise
             log.debug("collection %s appeared concurrently: %s", name, exc)
+        # Apart from the creation: a server that cannot build an index (BM25 on Milvus 2.3) has
+        # created the collection already, and that failure must not pass for "created
+        # concurrently" (loading such a collection aborts a 2.3 server).
+        self.client.create_index(name, index_params)
 
     def _drop_if_exists(self, name: str) -> None:
         if self.client.has_collection(name):
@@ -225,40 +301,70 @@ class ChunkStore:
 
     # -- reads ---------------------------------------------------------------------------------
     def _query_in(
-        self, collection: str, field_name: str, values: Iterable[str], fields: list[str]
+        self,
+        collection: str,
+        field_name: str,
+        values: Iterable[str],
+        fields: list[str],
+        per_query: int = QUERY_CHUNK,
     ) -> list[dict]:
-        """Rows whose `field_name` is one of `values`, in expressions of QUERY_CHUNK ids."""
+        """Rows whose `field_name` is one of `values`, in expressions of `per_query` ids."""
         ids = list(dict.fromkeys(values))
         out: list[dict] = []
-        for i in range(0, len(ids), QUERY_CHUNK):
+        for i in range(0, len(ids), per_query):
             out += self._call(
                 self.client.query,
                 collection,
-                filter=_in(field_name, ids[i : i + QUERY_CHUNK]),
+                filter=_in(field_name, ids[i : i + per_query]),
                 output_fields=fields,
             )
         return out
 
     def doc_states(self, keys: Iterable[str]) -> dict[str, DocState]:
-        fields = ["doc_key", "tenant", "doc_id", "version", "deleted", "chunk_ids", "metadata"]
-        return {
-            r["doc_key"]: DocState(
-                key=r["doc_key"],
-                tenant=r["tenant"],
-                doc_id=r["doc_id"],
-                version=int(r["version"]),
-                deleted=bool(r["deleted"]),
-                chunk_ids=tuple(r["chunk_ids"] or ()),
-                metadata=dict(r["metadata"] or {}),
-            )
-            for r in self._query_in(self.docs, "doc_key", keys, fields)
+        wanted = list(keys)
+        states: dict[str, DocState] = {}
+        for _ in range(PAGE_READS):
+            rows = self._query_in(self.docs, "doc_key", wanted, _STATE_FIELDS)
+            states.update(self._resolve(rows))
+            wanted = [r["doc_key"] for r in rows if r["doc_key"] not in states]
+            if not wanted:
+                return states
+        raise StoreError(f"chunk-id pages of {len(wanted)} documents kept changing under a read")
+
+    def _resolve(self, rows: list[dict]) -> dict[str, DocState]:
+        """States of these rows; a row whose pages were already replaced is left out."""
+        pages = {
+            r["doc_key"]: page_keys(r["doc_key"], _stamp(r), int(r["chunk_ids"]["pages"]))
+            for r in rows
+            if "pages" in (r["chunk_ids"] or {})
         }
+        wanted = [k for keys in pages.values() for k in keys]
+        # A page holds up to INLINE_IDS ids (~52 KB): a few per response.
+        found = {
+            p["page_key"]: p["ids"]["ids"]
+            for p in self._query_in(self.lists, "page_key", wanted, ["page_key", "ids"], 16)
+        }
+        out = {}
+        for r in rows:
+            key = r["doc_key"]
+            if key in pages:
+                if any(k not in found for k in pages[key]):
+                    continue
+                ids: tuple[str, ...] = tuple(i for k in pages[key] for i in found[k])
+            else:
+                ids = tuple((r["chunk_ids"] or {}).get("ids", ()))
+            out[key] = DocState(
+                key=key, tenant=r["tenant"], doc_id=r["doc_id"], stamp=_stamp(r),
+                deleted=bool(r["deleted"]), chunk_ids=ids, metadata=dict(r["metadata"] or {}),
+            )  # fmt: skip
+        return out
 
     def doc_versions(self, keys: Iterable[str]) -> dict[str, tuple[int, bool]]:
-        """`{doc key: (live version, deleted)}`: the swap point without the chunk-id lists,
-        for callers that poll many documents often."""
-        rows = self._query_in(self.docs, "doc_key", keys, ["doc_key", "version", "deleted"])
-        return {r["doc_key"]: (int(r["version"]), bool(r["deleted"])) for r in rows}
+        """`{doc key: (live version as readers see it, deleted)}`: the swap point without the
+        chunk-id lists, for callers that poll many documents often."""
+        fields = ["doc_key", "version", "log_partition", "log_offset", "deleted"]
+        rows = self._query_in(self.docs, "doc_key", keys, fields)
+        return {r["doc_key"]: (_stamp(r).reported, bool(r["deleted"])) for r in rows}
 
     def existing_chunks(self, chunk_ids: Iterable[str]) -> set[str]:
         rows = self._query_in(self.chunks, "chunk_id", chunk_ids, ["chunk_id"])
@@ -297,17 +403,16 @@ class ChunkStore:
             it.close()
 
     def iter_doc_states(self, batch: int = 1000) -> Iterable[DocState]:
-        fields = ["doc_key", "tenant", "doc_id", "version", "deleted", "chunk_ids", "metadata"]
         it = self.client.query_iterator(
-            self.docs, batch_size=batch, filter='doc_key != ""', output_fields=fields
+            self.docs, batch_size=batch, filter='doc_key != ""', output_fields=_STATE_FIELDS
         )
         try:
             while rows := it.next():
-                for r in rows:
-                    yield DocState(
-                        r["doc_key"], r["tenant"], r["doc_id"], int(r["version"]),
-                        bool(r["deleted"]), tuple(r["chunk_ids"] or ()), dict(r["metadata"] or {}),
-                    )  # fmt: skip
+                states = self._resolve(rows)
+                missed = [r["doc_key"] for r in rows if r["doc_key"] not in states]
+                if missed:  # replaced meanwhile: read those again, by key
+                    states.update(self.doc_states(missed))
+                yield from states.values()
         finally:
             it.close()
 
@@ -363,18 +468,40 @@ class ChunkStore:
             self._call(self.client.upsert, self.chunks, data[i : i + QUERY_CHUNK])
 
     def write_states(self, states: Sequence[DocState]) -> None:
+        """Write the pages of long chunk-id lists, then the state rows (the swap)."""
         if not states:
             return
+        pages = []
+        for st in states:
+            keys = page_keys(st.key, st.stamp, st.pages)
+            for i, page_key in enumerate(keys):
+                ids = list(st.chunk_ids[i * INLINE_IDS : (i + 1) * INLINE_IDS])
+                pages.append({"page_key": page_key, "doc_key": st.key, "ids": {"ids": ids},
+                              "nil": [0.0, 0.0]})  # fmt: skip
+        for i in range(0, len(pages), 16):
+            self._call(self.client.upsert, self.lists, pages[i : i + 16])
         data = [
             {
-                "doc_key": s.key, "tenant": s.tenant, "doc_id": s.doc_id, "version": s.version,
-                "deleted": s.deleted, "chunk_ids": list(s.chunk_ids), "metadata": s.metadata,
-                "nil": [0.0, 0.0],
+                "doc_key": s.key, "tenant": s.tenant, "doc_id": s.doc_id,
+                "version": NO_VERSION if s.stamp.version is None else s.stamp.version,
+                "log_partition": s.stamp.partition, "log_offset": s.stamp.offset,
+                "deleted": s.deleted, "metadata": s.metadata, "nil": [0.0, 0.0],
+                "chunk_ids": {"pages": s.pages} if s.pages else {"ids": list(s.chunk_ids)},
             }
             for s in states
         ]  # fmt: skip
         for i in range(0, len(data), QUERY_CHUNK):
             self._call(self.client.upsert, self.docs, data[i : i + QUERY_CHUNK])
+
+    def remove_stale_pages(self, states: Sequence[DocState]) -> None:
+        """Delete the chunk-id pages of these documents that their (written) states do not name."""
+        if not states:
+            return
+        keep = [k for st in states for k in page_keys(st.key, st.stamp, st.pages)]
+        expr = _in("doc_key", [st.key for st in states])
+        if keep:
+            expr += f" and not ({_in('page_key', keep)})"
+        self._call(self.client.delete, self.lists, filter=expr)
 
     def remove_stale_chunks(self, keys: Sequence[str], keep: Sequence[str]) -> None:
         """Delete the rows of these documents whose chunk id is not in `keep` (their live sets).
@@ -389,7 +516,7 @@ class ChunkStore:
         self._call(self.client.delete, self.chunks, filter=expr)
 
     def drop(self) -> None:
-        for name in (self.chunks, self.docs):
+        for name in self._collections:
             self._drop_if_exists(name)
 
     def close(self) -> None:
@@ -404,11 +531,13 @@ class ChunkStore:
                 raise
         # A restarted Milvus serves its collections released: without a load every retry fails.
         log.warning("Milvus %s: collections are released (server restarted?); loading", fn.__name__)
-        for name in (self.chunks, self.docs):
+        for name in self._collections:
             self._call_once(self.client.load_collection, name)
         return self._call_once(fn, *args, **kwargs)
 
     def _call_once(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if "ids" in kwargs:  # pymilvus splices ids into an expression unescaped
+            kwargs["ids"] = check_ids(kwargs["ids"])
         # pymilvus clients are not documented as thread-safe; searches and writes may share one.
         t0 = time.perf_counter()
         try:

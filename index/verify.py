@@ -1,7 +1,8 @@
 """The truth checker: compare what Milvus holds with what the events say it should hold.
 
-The expected index is the latest version of every document (the events come from the caller:
-`consumers.truth` reads them from the documents topic), chunked by the same chunker; the
+The expected index is the latest event of every document (the events come from the caller:
+`consumers.truth` reads them from the documents topic), folded with the indexer's own rule
+(`headwater.versions.supersedes`) and chunked by the same chunker; the
 comparison counts missing chunks, stale chunks (superseded text or wrong version), duplicates,
 chunks of deleted documents, and leaked rows (a row whose tenant does not own its document).
 """
@@ -13,7 +14,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
-from headwater.events import DocumentEvent
+from headwater.events import DocumentEvent, Logged
+from headwater.versions import Stamp, supersedes
 from index.chunker import Chunk
 from index.search import Searcher
 from index.store import ChunkStore, doc_key
@@ -23,9 +25,14 @@ from index.store import ChunkStore, doc_key
 class ExpectedDoc:
     tenant: str
     doc_id: str
-    version: int
+    stamp: Stamp
     deleted: bool
     chunk_ids: tuple[str, ...] = ()
+
+    @property
+    def version(self) -> int:
+        """The version readers see (`Stamp.reported`)."""
+        return self.stamp.reported
 
 
 @dataclass
@@ -61,23 +68,26 @@ class Report:
         return asdict(self) | {"ok": self.ok}
 
 
-def latest_events(events: Iterable[DocumentEvent]) -> dict[str, DocumentEvent]:
-    """The newest event (highest version) of every document."""
-    latest: dict[str, DocumentEvent] = {}
-    for e in events:
+def latest_events(events: Iterable[Logged]) -> dict[str, Logged]:
+    """The event of every document that the indexer keeps: folded in log order, as it does."""
+    latest: dict[str, Logged] = {}
+    for logged in events:
+        e = logged.event
         key = doc_key(e.tenant, e.doc_id)
-        if key not in latest or e.version > latest[key].version:
-            latest[key] = e
+        current = latest.get(key)
+        if supersedes(logged.stamp, None if current is None else current.stamp):
+            latest[key] = logged
     return latest
 
 
 def expected_index(
-    events: Iterable[DocumentEvent], chunk: Callable[[DocumentEvent], list[Chunk]]
+    events: Iterable[Logged], chunk: Callable[[DocumentEvent], list[Chunk]]
 ) -> dict[str, ExpectedDoc]:
     out = {}
-    for key, e in latest_events(events).items():
+    for key, logged in latest_events(events).items():
+        e = logged.event
         ids = tuple(c.chunk_id for c in chunk(e)) if e.op == "upsert" else ()
-        out[key] = ExpectedDoc(e.tenant, e.doc_id, e.version, e.op == "delete", ids)
+        out[key] = ExpectedDoc(e.tenant, e.doc_id, logged.stamp, e.op == "delete", ids)
     return out
 
 
@@ -107,10 +117,10 @@ def verify(store: ChunkStore, expected: dict[str, ExpectedDoc]) -> Report:
                 report.wrong_version += 1
                 report.note(f"deleted {exp.tenant}/{exp.doc_id} is live at v{state.version}")
             continue
-        if state is None or state.deleted or state.version != exp.version:
+        if state is None or state.deleted or state.stamp != exp.stamp:
             report.wrong_version += 1
-            got = "absent" if state is None else f"v{state.version} deleted={state.deleted}"
-            report.note(f"{exp.tenant}/{exp.doc_id}: expected v{exp.version}, index has {got}")
+            got = "absent" if state is None else f"{state.stamp} deleted={state.deleted}"
+            report.note(f"{exp.tenant}/{exp.doc_id}: expected {exp.stamp}, index has {got}")
         elif tuple(state.chunk_ids) != exp.chunk_ids:
             report.stale += 1
             report.note(f"{exp.tenant}/{exp.doc_id}: live chunk set differs from the expected")

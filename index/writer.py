@@ -2,8 +2,9 @@
 
 Order of writes for one document, each step idempotent so a replay after a crash at any point
 converges: (1) upsert chunk rows that the index does not hold yet, (2) upsert the document state
-(live version + live chunk ids: the swap), (3) delete the document's rows outside the live set.
-Search reads through the state, so between (1) and (3) readers see exactly one version.
+(stamp + live chunk ids: the swap; a long id list's pages first), (3) delete the document's rows
+(and pages) outside the live set. Search reads through the state, so between (1) and (3)
+readers see exactly one version. Which event of a document wins is `headwater.versions`' rule.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from prometheus_client import Counter, Histogram
 
-from headwater.events import ChangeEvent, DocumentEvent
+from headwater.errors import ChunkerError, EmbedderError, TooManyChunks
+from headwater.events import ChangeEvent, DocumentEvent, Logged
 from headwater.settings import Settings
+from headwater.versions import supersedes
 from index.chunker import Chunk, chunk_document
 from index.embedder import Embedder
-from index.store import ChunkRow, ChunkStore, DocState, doc_key
+from index.store import INLINE_IDS, ChunkRow, ChunkStore, DocState, doc_key
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +38,11 @@ WORD = re.compile(r"[A-Za-z][A-Za-z0-9_'-]{2,30}")
 
 @dataclass
 class Applied:
-    """Outcome of one batch: what changed and what was refused."""
+    """Outcome of one batch: what changed and what was refused (per event, with why)."""
 
-    changes: list[tuple[DocumentEvent, ChangeEvent]] = field(default_factory=list)  # by cause
-    applied: list[DocumentEvent] = field(default_factory=list)
-    failed: list[tuple[DocumentEvent, str]] = field(default_factory=list)
+    changes: list[tuple[Logged, ChangeEvent]] = field(default_factory=list)  # by cause
+    applied: list[Logged] = field(default_factory=list)
+    failed: list[tuple[Logged, Exception]] = field(default_factory=list)
     embedded: int = 0
     reused: int = 0
     removed: int = 0
@@ -48,11 +51,15 @@ class Applied:
 
 @dataclass
 class _Plan:
-    event: DocumentEvent
+    logged: Logged
     key: str
     previous: DocState | None
     chunks: list[Chunk]
     vector_sum: np.ndarray | None = None
+
+    @property
+    def event(self) -> DocumentEvent:
+        return self.logged.event
 
 
 class IndexWriter:
@@ -63,7 +70,8 @@ class IndexWriter:
         self.max_tokens = max(32, embedder.max_tokens - 2)  # room for [CLS] and [SEP]
         self.target_tokens = min(settings.chunk_tokens, self.max_tokens)
 
-    def chunk(self, event: DocumentEvent) -> list[Chunk]:
+    def chunk(self, event: DocumentEvent, budget_s: float | None = None) -> list[Chunk]:
+        """The chunks of an upsert; ChunkBudgetExceeded past `budget_s` seconds."""
         return chunk_document(
             event.tenant,
             event.doc_id,
@@ -71,46 +79,81 @@ class IndexWriter:
             tokenizer=self.embedder,
             target_tokens=self.target_tokens,
             max_tokens=self.max_tokens,
+            budget_s=budget_s,
         )
 
-    def apply(self, events: Sequence[DocumentEvent]) -> Applied:
-        """Apply events (in arrival order) to the index; raises StoreError if Milvus fails."""
+    def _bounded_chunks(self, event: DocumentEvent) -> list[Chunk]:
+        """The chunks of an event to apply, within the per-document time and count bounds."""
+        if event.op != "upsert":
+            return []
+        chunks = self.chunk(event, self.settings.chunk_budget_s)
+        most = self.settings.max_doc_chunks
+        if len(chunks) > most:
+            raise TooManyChunks(
+                f"the document makes {len(chunks):,} chunks, more than the limit of {most:,} "
+                "(HEADWATER_MAX_DOC_CHUNKS)"
+            )
+        return chunks
+
+    def apply(self, items: Sequence[Logged]) -> Applied:
+        """Apply events (in log order per document) to the index.
+
+        An event whose document cannot be chunked or embedded is reported in `failed` and the
+        document's previous event in the batch (if it would have applied) is tried instead;
+        the rest of the batch goes on. Raises StoreError if Milvus fails.
+        """
         out = Applied()
-        if not events:
+        if not items:
             return out
-        keys = [doc_key(e.tenant, e.doc_id) for e in events]
+        keys = [doc_key(i.event.tenant, i.event.doc_id) for i in items]
         states = self.store.doc_states(keys)
-        winners: dict[str, DocumentEvent] = {}
+        # Per document, the events that successively supersede the index's state: the last
+        # applies, and each one before it is the fallback should the one after it fail.
+        chains: dict[str, list[Logged]] = {}
         recheck: set[str] = set()
-        for key, event in zip(keys, events, strict=True):
-            current = winners.get(key) or states.get(key)
-            if current is None or event.version > current.version:
-                winners[key] = event
+        for key, item in zip(keys, items, strict=True):
+            chain = chains.get(key)
+            current = chain[-1].stamp if chain else getattr(states.get(key), "stamp", None)
+            if supersedes(item.stamp, current):
+                chains.setdefault(key, []).append(item)
                 continue
             out.stale += 1
-            if key not in winners and event.version == current.version:
+            if not chain and item.stamp == current:
                 # A redelivery of what the index holds: a crash may have stopped its cleanup.
                 recheck.add(key)
         STALE.inc(out.stale)
 
-        plans = []
-        for key, event in winners.items():
-            chunks = self.chunk(event) if event.op == "upsert" else []
-            plans.append(_Plan(event, key, states.get(key), chunks))
-        plans = self._embed_and_write(plans, out)
+        plans: list[_Plan] = []
+        todo = list(chains)
+        while todo:
+            ready = [p for p in (self._plan(k, chains[k], states.get(k), out) for k in todo) if p]
+            written, failed = self._embed_and_write(ready, out)
+            plans += written
+            for plan in failed:
+                chains[plan.key].pop()
+            todo = [p.key for p in failed if chains[p.key]]
 
         self.store.write_states([self._state(p) for p in plans])
         cleanup = {p.key: [c.chunk_id for c in p.chunks] for p in plans}
-        for key in recheck - cleanup.keys():
+        cleanup_keys = set(cleanup)
+        for key in recheck - cleanup_keys:
             state = states[key]
             cleanup[key] = [] if state.deleted else list(state.chunk_ids)
         self._remove_stale(cleanup)
+        # Chunk-id pages outlive their state only where one had pages (or after a crash).
+        paged = [
+            self._state(p)
+            for p in plans
+            if (p.previous is not None and p.previous.pages) or len(p.chunks) > INLINE_IDS
+        ]
+        paged += [states[key] for key in recheck - cleanup_keys]  # fmt: skip
+        self.store.remove_stale_pages(paged)
 
         for p in plans:
-            out.applied.append(p.event)
+            out.applied.append(p.logged)
             change = self._change(p)
             if change is not None:
-                out.changes.append((p.event, change))
+                out.changes.append((p.logged, change))
                 out.removed += len(change.removed_chunk_ids)
         CHUNKS.labels("embedded").inc(out.embedded)
         CHUNKS.labels("reused").inc(out.reused)
@@ -118,14 +161,30 @@ class IndexWriter:
         return out
 
     # -- steps ---------------------------------------------------------------------------------
-    def _embed_and_write(self, plans: list[_Plan], out: Applied) -> list[_Plan]:
+    def _plan(
+        self, key: str, chain: list[Logged], previous: DocState | None, out: Applied
+    ) -> _Plan | None:
+        """The plan of the chain's last event that can be chunked (failures are reported)."""
+        while chain:
+            logged = chain[-1]
+            try:
+                return _Plan(logged, key, previous, self._bounded_chunks(logged.event))
+            except ChunkerError as exc:
+                log.warning("cannot chunk %s/%s: %s", logged.event.tenant, logged.event.doc_id,
+                            exc)  # fmt: skip
+                out.failed.append((logged, exc))
+                chain.pop()
+        return None
+
+    def _embed_and_write(self, plans: list[_Plan], out: Applied) -> tuple[list[_Plan], list[_Plan]]:
+        """Embed the chunks the index lacks and write them; (written plans, failed plans)."""
         wanted = [c.chunk_id for p in plans for c in p.chunks]
         held = self.store.existing_chunks(wanted) if wanted else set()
         todo = [(p, [c for c in p.chunks if c.chunk_id not in held]) for p in plans]
-        out.reused += len(wanted) - sum(len(new) for _, new in todo)
         texts = [c.embed_text for _, new in todo for c in new]
         vectors = self._encode(texts)
         ok: list[_Plan] = []
+        failed: list[_Plan] = []
         rows: list[ChunkRow] = []
         cursor = 0
         for plan, new in todo:
@@ -133,7 +192,8 @@ class IndexWriter:
                 try:
                     doc_vectors = self._encode_strict([c.embed_text for c in new])
                 except Exception as exc:
-                    out.failed.append((plan.event, f"embedding failed: {exc}"))
+                    out.failed.append((plan.logged, EmbedderError(f"embedding failed: {exc}")))
+                    failed.append(plan)
                     continue
             else:
                 doc_vectors = vectors[cursor : cursor + len(new)]
@@ -141,10 +201,11 @@ class IndexWriter:
             rows += [self._row(plan, c, v) for c, v in zip(new, doc_vectors, strict=True)]
             if len(new):
                 plan.vector_sum = np.asarray(doc_vectors).sum(axis=0)
+            out.reused += len(plan.chunks) - len(new)
             ok.append(plan)
         out.embedded += len(rows)
         self.store.write_chunks(rows)
-        return ok
+        return ok, failed
 
     def _encode(self, texts: list[str]) -> np.ndarray | None:
         try:
@@ -167,8 +228,8 @@ class IndexWriter:
     def _row(self, plan: _Plan, chunk: Chunk, vector: Sequence[float]) -> ChunkRow:
         e = plan.event
         return ChunkRow(
-            chunk.chunk_id, e.tenant, plan.key, e.doc_id, e.version, chunk.section, chunk.text,
-            vector,
+            chunk.chunk_id, e.tenant, plan.key, e.doc_id, plan.logged.stamp.reported,
+            chunk.section, chunk.text, vector,
         )  # fmt: skip
 
     @staticmethod
@@ -178,7 +239,7 @@ class IndexWriter:
             key=p.key,
             tenant=e.tenant,
             doc_id=e.doc_id,
-            version=e.version,
+            stamp=p.logged.stamp,
             deleted=e.op == "delete",
             chunk_ids=tuple(c.chunk_id for c in p.chunks),
             metadata=dict(e.metadata),
@@ -220,7 +281,7 @@ class IndexWriter:
             tenant=e.tenant,
             doc_id=e.doc_id,
             op=op,
-            version=e.version,
+            version=p.logged.stamp.reported,
             previous_version=None if prev is None else prev.version,
             added_chunk_ids=added,
             removed_chunk_ids=removed,

@@ -32,7 +32,6 @@ from headwater.events import (
     Limits,
     Scalar,
     check_doc_id,
-    now_version,
     parse_document,
 )
 from headwater.runtime import clients
@@ -60,9 +59,6 @@ class DocumentPublisher:
         self._producer = producer
         self._owns_producer = producer is None
         self._lock = threading.Lock()
-        # Last version used per key: clock versions must still grow when the clock stalls or
-        # steps back, or the indexer would drop the second of two quick edits as stale.
-        self._last_version: dict[bytes, int] = {}
         self._closed = False
 
     # -- building events ------------------------------------------------------------------------
@@ -111,7 +107,12 @@ class DocumentPublisher:
         source: str = "api",
         ts: datetime | None = None,
     ) -> DocumentEvent:
-        """A validated event (version from the clock when none is given); nothing is sent."""
+        """A validated event; nothing is sent.
+
+        `version` is the source's own version, for sources that have one (a commit sequence);
+        without it the event is ordered by where the broker puts it (`headwater.versions`), so
+        no clock is ever asked. The doc id is normalized to NFC.
+        """
         tenant = self.settings.default_tenant if tenant is None else tenant
         self._check_tenant(tenant)
         self._check_text(text)
@@ -124,9 +125,7 @@ class DocumentPublisher:
         self._check_metadata(metadata)
         data: dict[str, Any] = {
             "tenant": tenant, "doc_id": doc_id, "op": op, "text": text, "source": source,
-            "metadata": {} if metadata is None else metadata,
-            # Placeholder for validation; the real version is taken below, only for good events.
-            "version": 0 if version is None else version,
+            "metadata": {} if metadata is None else metadata, "version": version,
         }  # fmt: skip
         if ts is not None:
             data["ts"] = ts
@@ -134,8 +133,6 @@ class DocumentPublisher:
             event = DocumentEvent.model_validate(data, context={"limits": self.limits})
         except ValidationError as exc:
             raise InvalidDocumentError(_one_line(exc)) from exc
-        if version is None:
-            event = event.model_copy(update={"version": self._clock_version(event.key)})
         return event
 
     # -- sending --------------------------------------------------------------------------------
@@ -158,7 +155,6 @@ class DocumentPublisher:
         producer = self._ensure_producer()
         futures = []
         for event, raw in batch:
-            self._remember_version(event.key, event.version)
             try:
                 futures.append(producer.send(self.topic, key=event.key, value=raw))
             except KafkaError as exc:
@@ -245,17 +241,6 @@ class DocumentPublisher:
         except EventError as exc:
             raise InvalidDocumentError(str(exc)) from exc
         return raw
-
-    def _clock_version(self, key: bytes) -> int:
-        with self._lock:
-            version = max(now_version(), self._last_version.get(key, -1) + 1)
-            self._last_version[key] = version
-            return version
-
-    def _remember_version(self, key: bytes, version: int) -> None:
-        with self._lock:
-            if version > self._last_version.get(key, -1):
-                self._last_version[key] = version
 
     def _ensure_producer(self) -> KafkaProducer:
         with self._lock:

@@ -88,11 +88,14 @@ class Daemon:
         ready: Callable[[], bool],
         timeout: float,
         env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> int:
         """Start argv detached, wait (bounded) until `ready()`; raise StackError otherwise."""
-        return self.wait_ready(self.spawn(argv, env), ready, timeout)
+        return self.wait_ready(self.spawn(argv, env, cwd), ready, timeout)
 
-    def spawn(self, argv: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    def spawn(
+        self, argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> subprocess.Popen:
         """Start argv detached and write the pidfile; `wait_ready` then waits for it."""
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
@@ -103,6 +106,7 @@ class Daemon:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
+                cwd=cwd,
                 start_new_session=True,  # survives the CLI and ignores its Ctrl-C
             )
         self.pidfile.write_text(str(proc.pid))

@@ -307,7 +307,11 @@ def snapshot(settings: Settings, embedder: Embedder) -> tuple[dict, dict]:
             r["chunk_id"]: (r["doc_key"], r["version"], r["section"], r["text"])
             for r in store.iter_chunks()
         }
-        states = {s.key: s for s in store.iter_doc_states()}
+        # A source version sent again later in the log applies (same text, same chunks): only
+        # its log position changes, which readers never see.
+        states = {
+            s.key: (s.version, s.deleted, s.chunk_ids, s.metadata) for s in store.iter_doc_states()
+        }
         return chunks, states
     finally:
         store.close()

@@ -20,6 +20,7 @@ from headwater.topics import ensure_topics
 from stack.broker import LocalBroker
 from stack.daemon import free_port
 from stack.liteserver import LiteServer
+from stack.milvusserver import MilvusServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -91,6 +92,27 @@ def settings(stack_settings: Settings, tmp_path: Path) -> Settings:
     s.data_dir.mkdir(parents=True, exist_ok=True)
     ensure_topics(s)
     return s
+
+
+@pytest.fixture(scope="session")
+def milvus_server(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory):
+    """A Milvus 2.3 standalone server (PyPI `milvus`), started on first use for the session.
+
+    It enforces what Lite does not (a JSON field's 65,536 bytes, JSON objects only, no BM25).
+    Its binary is unpacked once per machine into the cache dir; startup takes 30-120 s.
+    """
+    server = MilvusServer(tmp_path_factory.mktemp("milvus-server"), stack_settings.cache_dir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def server_settings(settings: Settings, milvus_server: MilvusServer) -> Settings:
+    """Per-test settings (own topics, collections, groups) with Milvus on the 2.3 server."""
+    return milvus_server.settings(settings)
 
 
 @pytest.fixture(scope="session")

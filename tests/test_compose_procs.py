@@ -125,7 +125,7 @@ def nothing_acknowledged_is_lost(
 
         assert _until(caught_up, 300, 2.0), "the indexers never applied the acknowledged writes"
     client = run.settings()
-    truth = {e.doc_id: e for e in read_documents_topic(client)}
+    truth = {lg.event.doc_id: lg.event for lg in read_documents_topic(client)}  # in log order
     for doc_id, (text, _) in publisher.acked.items():
         assert doc_id in truth and truth[doc_id].text == text, f"acknowledged, then lost: {doc_id}"
     # `headwater verify` in this process (a new one would load torch and the model again),

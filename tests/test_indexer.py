@@ -166,7 +166,7 @@ MUTATIONS = st.one_of(
     st.text(min_size=1, max_size=12)
     .filter(lambda t: t not in ("upsert", "delete"))
     .map(lambda op: {**_valid(0), "op": op}),
-    st.sampled_from(["tenant", "doc_id", "op", "version"]).map(
+    st.sampled_from(["tenant", "doc_id", "op"]).map(
         lambda f: {k: v for k, v in _valid(0).items() if k != f}
     ),
     st.text(min_size=1, max_size=8).map(lambda k: {**_valid(0), "x_" + k: 1}),

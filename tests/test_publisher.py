@@ -107,26 +107,33 @@ def test_invalid_documents_raise_clear_errors_and_send_nothing(settings: Setting
         assert sum(progress.end_offsets().values()) == 0
 
 
-def test_versions_stay_monotonic_when_the_clock_stalls(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(publisher_module, "now_version", lambda: 1_000)
+def test_the_publisher_asks_no_clock_for_versions(settings: Settings) -> None:
+    """Only a source's own version is sent; everything else is ordered by the log."""
     with DocumentPublisher(settings) as pub:
-        versions = [pub.build("upsert", "a.md", text=f"v{i}").version for i in range(5)]
-        assert versions == [1_000, 1_001, 1_002, 1_003, 1_004]
-        # Another document is independent: it gets the clock's value.
-        assert pub.build("upsert", "b.md", text="b").version == 1_000
-        # An explicit version is used as given, and later clock versions go past it.
+        assert pub.build("upsert", "a.md", text="v0").version is None
         pub.upsert("a.md", "explicit", version=5_000)
         pub.delete("a.md")
-        monkeypatch.setattr(publisher_module, "now_version", lambda: 900)  # clock steps back
-        pub.upsert("a.md", "again")
+        pub.upsert("a.md", "again", version=(1 << 63) - 1)  # the largest Milvus can store
+        for too_big in (1 << 63, 1 << 64):
+            with pytest.raises(InvalidDocumentError, match="version"):
+                pub.upsert("a.md", "text", version=too_big)
     events = [parse_document(r.value) for r in read_topic(settings)]
     assert [(e.op, e.version) for e in events] == [
         ("upsert", 5_000),
-        ("delete", 5_001),
-        ("upsert", 5_002),
+        ("delete", None),
+        ("upsert", (1 << 63) - 1),
     ]
+
+
+def test_doc_ids_are_one_document_in_nfc_and_nfd(settings: Settings) -> None:
+    nfc, nfd = "caf\u00e9.md", "cafe\u0301.md"
+    with DocumentPublisher(settings) as pub:
+        first = pub.upsert(nfc, "one")
+        second = pub.upsert(nfd, "two")
+        assert pub.build("delete", nfd).key == f"default/{nfc}".encode()
+    assert set(first) == set(second)  # one key, one partition: one order
+    events = [parse_document(r.value) for r in read_topic(settings)]
+    assert [e.doc_id for e in events] == [nfc, nfc]
 
 
 # -- publishing against the broker ------------------------------------------------------------
@@ -170,7 +177,6 @@ def test_same_key_always_lands_on_the_same_partition(settings: Settings) -> None
     assert other_tenant_key == b"default/same.md"
     events = [parse_document(r.value) for r in read_topic(settings)]
     assert [e.op for e in events] == ["upsert"] * 6 + ["delete"]
-    assert [e.version for e in events] == sorted({e.version for e in events})
 
 
 def test_publish_accepts_a_prebuilt_event(settings: Settings) -> None:

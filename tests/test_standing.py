@@ -17,6 +17,7 @@ from consumers.subscriptions import NotificationStream, SubscriptionClient, read
 from headwater.events import ChangeEvent, Hit, Notification, Subscription
 from headwater.runtime.clients import admin, consumer
 from headwater.settings import Settings
+from headwater.versions import Stamp
 from index.store import DocState, doc_key
 from service.cli import main
 from service.gateway import create_app
@@ -242,8 +243,8 @@ class FakeStore:
 
     def doc_states(self, keys):
         return {
-            k: DocState(k, "t", k, 1, False, tuple(c for c, r in self.rows.items()
-                                                  if r["doc_key"] == k))
+            k: DocState(k, "t", k, Stamp(1, 0, 0), False, tuple(c for c, r in self.rows.items()
+                                                               if r["doc_key"] == k))
             for k in keys
         }  # fmt: skip
 

@@ -36,7 +36,7 @@ class Change:
     source: str = "api"
     ts: datetime | None = None
 
-    def event(self, *, tenant: str, version: int, limits: Limits) -> DocumentEvent:
+    def event(self, *, tenant: str, version: int | None, limits: Limits) -> DocumentEvent:
         """The validated document event; EventError says why not."""
         data: dict[str, Any] = {
             "tenant": tenant, "doc_id": self.doc_id, "op": self.op, "version": version,
