@@ -6,6 +6,13 @@ batches (answer mode), then `done` with timings, or `error`. A few queries are a
 (search-only queries don't wait behind generations); a partition's offset is committed only
 past queries whose every event the broker acknowledged, so a crash re-answers rather than drops
 a query. A query that fails (bad input, Milvus away) is answered with an `error` event.
+
+Fairness and bounds: one tenant's queries take at most `query_tenant_workers` workers, the next
+ones wait in that tenant's lane (`query_tenant_backlog` at most; more are answered "busy"), so a
+flood of one tenant never holds back another's. A query the asker stopped waiting for is not
+answered: it expires `ttl_s` after the broker appended it (the queries topic is stamped by the
+broker, never by the asker's clock), and an asker that closes its stream publishes a null value
+under the query id (a tombstone), which stops a generation in progress.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ import logging
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kafka.consumer.fetcher import ConsumerRecord
@@ -23,7 +32,15 @@ from prometheus_client import Counter, Histogram
 
 from consumers.adapters import AdapterFollower
 from consumers.generation import Generation, Generator, extractive_answer
-from headwater.errors import Cancelled, EventError, GenerationError, UnknownTenantError
+from headwater.errors import (
+    Busy,
+    Cancelled,
+    EventError,
+    GenerationError,
+    QueryAbandoned,
+    UnknownTenantError,
+    public_message,
+)
 from headwater.events import TENANT_RE, AnswerEvent, ChatTurn, Hit, QueryEvent, parse_query
 from headwater.runtime.outbox import Outbox
 from headwater.runtime.pool import PoolLoop
@@ -59,6 +76,22 @@ SYSTEM_PROMPT = (
 NO_PASSAGES = "I don't know: no indexed passage matches the question."
 FLUSH_S = 0.1  # a token batch is sent early when text is slow to come
 PASSAGE_MAX_CHARS = 1500
+REMEMBERED_CANCELS = 10_000  # cancellations kept for queries not started yet
+LOG_APPEND_TIME = 1  # ConsumerRecord.timestamp_type of a broker-stamped record
+DROPPED = Counter("headwater_queries_dropped_total", "Queries not answered", ["reason"])
+
+
+@dataclass(frozen=True)
+class Asked:
+    """A record of the queries topic: a query, or (query None) the cancellation of one."""
+
+    query_id: str
+    query: QueryEvent | None
+    received: float  # time.monotonic() when polled
+
+    @property
+    def tenant(self) -> str | None:
+        return None if self.query is None else self.query.tenant
 
 
 class Search(Protocol):
@@ -170,6 +203,9 @@ class Answerer:
         self.answered = 0  # per instance; the prometheus counters are process-wide
         self.errors = 0
         self.ready = threading.Event()  # set once the consumer has its partitions
+        self._lock = threading.Lock()
+        self._running: dict[str, threading.Event] = {}  # query id -> its "abandoned" flag
+        self._cancelled: OrderedDict[str, bool] = OrderedDict()
 
     # -- one query -----------------------------------------------------------------------------
     def answer(
@@ -178,8 +214,10 @@ class Answerer:
         out: Outbox | None = None,
         cancel: threading.Event | None = None,
         received: float | None = None,
+        abandoned: threading.Event | None = None,
     ) -> str:
-        """Send the whole answer of one query through `out`; returns "done" or "error".
+        """Send the whole answer of one query through `out`; returns "done", "error" or
+        "abandoned" (`abandoned` was set: the rest of the answer is not generated).
 
         The events are acknowledged only once `out` is settled (the loop does that before it
         commits). Raises `Cancelled` when `cancel` is set mid-answer.
@@ -204,7 +242,9 @@ class Answerer:
             adapter, usage, finish = None, None, None
             if query.mode == "answer":
                 stage = "generate"
-                adapter, first, usage, finish = self._stream_answer(query, hits, reply, cancel)
+                adapter, first, usage, finish = self._stream_answer(
+                    query, hits, reply, cancel, abandoned
+                )
                 if first is not None:
                     timing["first_token_ms"] = round((first - t0) * 1000, 2)
                     FIRST_TOKEN.observe(first - t0)
@@ -213,8 +253,12 @@ class Answerer:
                          finish_reason=finish)  # fmt: skip
         except Cancelled:
             raise
+        except QueryAbandoned:
+            log.info("query %s abandoned by its asker; not generated further", query.query_id)
+            DROPPED.labels("abandoned").inc()
+            return "abandoned"
         except Exception as exc:
-            reason = _one_line(exc)
+            reason = public_message(exc)
             log.warning("query %s failed in %s: %s", query.query_id, stage, reason)
             self.errors += 1
             ERRORS.labels(stage).inc()
@@ -232,6 +276,7 @@ class Answerer:
         hits: list[Hit],
         reply: _Reply,
         cancel: threading.Event | None,
+        abandoned: threading.Event | None = None,
     ) -> tuple[str | None, float | None, dict[str, int], str]:
         """Stream the answer's text; returns adapter, first-text time, usage, finish reason."""
         first: float | None = None
@@ -254,6 +299,8 @@ class Answerer:
             for piece in pieces:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled(f"query {query.query_id}")
+                if abandoned is not None and abandoned.is_set():
+                    raise QueryAbandoned(query.query_id)
                 if not piece:
                     continue
                 if generation is None and sent >= limit:
@@ -294,32 +341,74 @@ class Answerer:
         return reply_topic_for(self.settings, query.reply_topic)
 
     # -- the loop ------------------------------------------------------------------------------
-    def _decode(self, record: ConsumerRecord) -> tuple[QueryEvent, float]:
-        return parse_query(record.value), time.monotonic()
+    def _decode(self, record: ConsumerRecord) -> Asked:
+        now = time.monotonic()
+        if record.value is None:  # a tombstone: the asker of this query id stopped waiting
+            query_id = (record.key or b"").decode("utf-8", "replace")
+            if not 1 <= len(query_id) <= 64:
+                raise EventError("a cancellation (null value) needs the query id as its key")
+            return Asked(query_id, None, now)
+        query = parse_query(record.value)
+        return Asked(query.query_id, query, now)
 
     def _handle(
-        self,
-        item: tuple[QueryEvent, float],
-        record: ConsumerRecord,
-        out: Outbox,
-        cancel: threading.Event,
+        self, item: Asked, record: ConsumerRecord, out: Outbox, cancel: threading.Event
     ) -> None:
-        query, received = item
-        self.answer(query, out, cancel, received)
+        if item.query is None:
+            self._abandon(item.query_id)
+            return
+        query = item.query
+        if self._expired(query, record, item.received):
+            log.info("query %s expired before it was answered; dropped", query.query_id)
+            DROPPED.labels("expired").inc()
+            return
+        with self._lock:
+            if self._cancelled.pop(query.query_id, False):
+                DROPPED.labels("abandoned").inc()
+                return
+            abandoned = self._running[query.query_id] = threading.Event()
+        try:
+            self.answer(query, out, cancel, item.received, abandoned)
+        finally:
+            with self._lock:
+                self._running.pop(query.query_id, None)
 
-    def _malformed(self, exc: Exception, record: ConsumerRecord, out: Outbox) -> None:
+    def _abandon(self, query_id: str) -> None:
+        with self._lock:
+            running = self._running.get(query_id)
+            if running is not None:
+                running.set()
+                return
+            self._cancelled[query_id] = True  # it may still be waiting in its tenant's lane
+            while len(self._cancelled) > REMEMBERED_CANCELS:
+                self._cancelled.popitem(last=False)
+
+    @staticmethod
+    def _expired(query: QueryEvent, record: ConsumerRecord, received: float) -> bool:
+        """Whether the asker has stopped waiting: `ttl_s` after the broker appended the query
+        (its clock against ours: servers agree within seconds, far below a query's ttl); on a
+        topic stamped by the producer, from when this answerer received it."""
+        if query.ttl_s is None:
+            return False
+        if getattr(record, "timestamp_type", None) == LOG_APPEND_TIME:
+            return time.time() - record.timestamp / 1000 > query.ttl_s
+        return time.monotonic() - received > query.ttl_s
+
+    def _refuse(self, exc: Exception, record: ConsumerRecord, out: Outbox) -> None:
         """The error policy of the queries topic: answer with an error when it can be traced."""
         self.errors += 1
-        stage = "parse" if isinstance(exc, EventError) else "handle"
+        stage = "busy" if isinstance(exc, Busy) else "handle"
+        stage = "parse" if isinstance(exc, EventError) else stage
         ERRORS.labels(stage).inc()
         ANSWERED.labels("unknown", "error").inc()
-        log.warning("malformed query at %s/%d@%d: %s", record.topic, record.partition,
+        log.warning("refused query at %s/%d@%d: %s", record.topic, record.partition,
                     record.offset, _one_line(exc))  # fmt: skip
         traced = _trace(record.value, self.settings)
         if traced is not None:
             query_id, tenant, topic = traced
             reply = _Reply(out, topic, query_id, tenant, 1)
-            reply.finish("error", error=f"malformed query: {exc}")
+            what = "busy" if isinstance(exc, Busy) else "malformed query"
+            reply.finish("error", error=f"{what}: {public_message(exc)}")
 
     def run(self, stop: threading.Event) -> None:
         """Serve queries until `stop` is set; in-flight answers finish and are committed."""
@@ -330,11 +419,13 @@ class Answerer:
                 target=self.follower.run, args=(stop,), name="headwater-adapters", daemon=True
             )
             follower_thread.start()
-        loop: PoolLoop[tuple[QueryEvent, float]] = PoolLoop(
+        loop: PoolLoop[Asked] = PoolLoop(
             s, [s.queries_topic], group=s.query_group, client_id="headwater-answerer",
-            decode=self._decode, handle=self._handle, on_error=self._malformed,
+            decode=self._decode, handle=self._handle, on_error=self._refuse,
             workers=s.query_workers, producer=self.producer,
             on_assigned=lambda _: self.ready.set(),
+            key=lambda asked: asked.tenant, per_key=s.query_tenant_workers,
+            key_backlog=s.query_tenant_backlog,
         )  # fmt: skip
         mode = "generated" if self.generator else "extractive"
         log.info("answerer consuming %s as %s (%d workers, %s answers)", s.queries_topic,

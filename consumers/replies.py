@@ -3,8 +3,11 @@
 `QueryClient.ask` publishes a QueryEvent and streams back the AnswerEvents for its query_id. One
 background reader per client follows the answers topic from its end (positioned before the first
 query is published, so no answer can be missed) and hands each event to the query waiting for
-it. The reader survives broker outages (the runtime's `Tail`): it resumes where it was, so a
-restarted broker costs the waiting queries a pause, never the client.
+it. A query carries the client's wait as its time to live, and a stream closed before its answer
+ended (the HTTP client went away, the wait ran out) publishes a tombstone under the query id,
+so the answerers stop generating what nobody reads. The reader survives broker outages (the
+runtime's `Tail`): it resumes where it was, so a restarted broker costs the waiting queries a
+pause, never the client.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 from kafka.errors import KafkaError
@@ -111,11 +114,14 @@ class AnswerStream(Iterator[AnswerEvent]):
         query: QueryEvent,
         waiter: queue.SimpleQueue[bytes | None],
         timeout_s: float,
+        on_abandon: Callable[[QueryEvent], None] | None = None,
     ) -> None:
         self.query = query
         self.query_id = query.query_id
         self.timeout_s = timeout_s
         self.finished = False
+        self.answered = False  # the answer ended (done or error)
+        self._on_abandon = on_abandon
         self._tail = tail
         self._waiter = waiter
         self._next_seq = 0
@@ -156,6 +162,7 @@ class AnswerStream(Iterator[AnswerEvent]):
             self._next_seq = event.seq + 1
             self._last = time.monotonic()
             if event.kind in ("done", "error"):
+                self.answered = True
                 self.close()
             return event
 
@@ -167,9 +174,12 @@ class AnswerStream(Iterator[AnswerEvent]):
         raise StopIteration
 
     def close(self) -> None:
+        """Stop reading; before the answer ended, this tells the answerers to stop too."""
         if not self.finished:
             self.finished = True
             self._tail.unregister(self.query_id.encode())
+            if not self.answered and self._on_abandon is not None:
+                self._on_abandon(self.query)
 
     def __enter__(self) -> AnswerStream:
         return self
@@ -222,6 +232,7 @@ class QueryClient:
         version to answer with instead of the current one) shape the answer.
         """
         tenant = self.settings.default_tenant if tenant is None else tenant
+        timeout = self.settings.query_timeout_s if timeout is None else timeout
         try:
             query = QueryEvent(
                 tenant=tenant,
@@ -234,6 +245,7 @@ class QueryClient:
                 max_tokens=max_tokens,
                 temperature=temperature,
                 adapter=adapter,
+                ttl_s=timeout,  # nobody waits longer for the first event
             )
         except ValidationError as exc:
             raise InvalidInput(f"invalid query: {_one_line(exc)}") from exc
@@ -245,15 +257,24 @@ class QueryClient:
             raise QueryError(str(exc)) from exc
         key = query.query_id.encode()
         waiter = self._tail.register(key)
-        stream = AnswerStream(
-            self._tail, query, waiter, self.settings.query_timeout_s if timeout is None else timeout
-        )
+        stream = AnswerStream(self._tail, query, waiter, timeout)
         try:
             self._send(self.settings.queries_topic, key, query.to_bytes())
         except BaseException:
+            stream.answered = True  # never asked: nothing to cancel
             stream.close()
             raise
+        stream._on_abandon = self._cancel
         return stream
+
+    def _cancel(self, query: QueryEvent) -> None:
+        """Publish the tombstone of an abandoned query (not awaited: best effort)."""
+        try:
+            if self._producer is not None:
+                self._producer.send(self.settings.queries_topic, key=query.query_id.encode(),
+                                    value=None)  # fmt: skip
+        except KafkaError as exc:
+            log.info("could not cancel query %s: %s", query.query_id, one_line(exc))
 
     def search(
         self,

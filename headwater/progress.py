@@ -16,6 +16,7 @@ from typing import TypeVar
 from kafka import KafkaAdminClient, OffsetSpec, TopicPartition
 from kafka.errors import KafkaError
 
+from headwater.errors import TokenBeyondLog
 from headwater.runtime import clients
 from headwater.settings import Settings
 from headwater.tokens import FreshnessToken
@@ -36,6 +37,7 @@ class Progress:
         self._admin = admin
         self._owns_admin = admin is None
         self._lock = threading.Lock()
+        self._high: dict[int, int] = {}  # end offsets as last seen: they only grow
 
     # -- offsets ------------------------------------------------------------------------------
 
@@ -64,6 +66,28 @@ class Progress:
 
     # -- tokens -------------------------------------------------------------------------------
 
+    def check_reachable(self, token: FreshnessToken | str) -> None:
+        """TokenBeyondLog when `token` names a record the documents topic does not hold.
+
+        A token comes from an acknowledged publish, whose record is below the high-water mark;
+        one beyond it (a partition the topic lacks, an offset not written yet) could only be
+        waited on in vain. The end offsets are cached and read again only for a token past them.
+        """
+        token = FreshnessToken.parse(token)
+        if all(offset < self._high.get(p, -1) for p, offset in token.items()):
+            return
+        try:
+            self._high = self.end_offsets()
+        except KafkaError:
+            return  # cannot tell now: the bounded wait decides
+        beyond = [f"{p}:{o}" for p, o in token.items() if o >= self._high.get(p, -1)]
+        if beyond:
+            ends = ",".join(f"{p}:{o}" for p, o in sorted(self._high.items()))
+            raise TokenBeyondLog(
+                f"freshness token {','.join(beyond)} is beyond the documents topic "
+                f"(next offsets {ends}): it names no acknowledged write"
+            )
+
     def is_applied(self, token: FreshnessToken | str, group: str | None = None) -> bool:
         return self._applied(FreshnessToken.parse(token), group, RETRY_S)
 
@@ -75,11 +99,13 @@ class Progress:
     ) -> bool:
         """Wait until every write in `token` is applied; False once `timeout` passes first.
 
-        `timeout` defaults to `settings.freshness_wait_s`; 0 checks once.
+        `timeout` defaults to `settings.freshness_wait_s`; 0 checks once. A token beyond the
+        topic's end raises TokenBeyondLog at once instead of waiting.
         """
         token = FreshnessToken.parse(token)
         if not token:
             return True
+        self.check_reachable(token)
         timeout = self.settings.freshness_wait_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while True:

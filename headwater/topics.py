@@ -26,6 +26,8 @@ COMPACTED = {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1",
 # The adapters topic carries a few MB per version, retired with tombstones: the active segment
 # is never cleaned, so it must roll (hourly) for a retired version to leave the disk.
 ADAPTERS = {"segment.ms": "3600000"}
+# The broker stamps queries: their expiry never trusts an asker's clock.
+QUERIES = {"message.timestamp.type": "LogAppendTime"}
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         # Compacted: the latest event per tenant/doc_id is kept, a replayable source of truth.
         TopicSpec(settings.documents_topic, compacted=True),
         TopicSpec(settings.dlq_topic),
-        TopicSpec(settings.queries_topic),
+        TopicSpec(settings.queries_topic, configs=QUERIES),
         TopicSpec(settings.answers_topic),
         TopicSpec(settings.examples_topic),
         # One partition: a version's chunks, its manifest and the announcement stay in order.

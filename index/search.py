@@ -97,6 +97,8 @@ class Searcher:
         t0 = time.monotonic()
         try:
             applied = waiter(token, timeout)
+        except SearchError:
+            raise
         except ValueError as exc:
             raise SearchError(f"bad freshness token: {exc}") from exc
         if not applied:

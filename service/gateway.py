@@ -2,8 +2,11 @@
 
 `create_app` takes every dependency explicitly (nothing global besides prometheus' registry), so
 tests and `headwater up` build it around in-process objects; `build_app` wires the real ones.
-Errors map to HTTP statuses by their kind (`headwater.errors`), never by name; a 500 says no
-more than that (its details go to the log, not to the client).
+Errors map to HTTP statuses by their kind (`headwater.errors`), never by name; a body says what
+failed in one line (`public_message`): a service's failure by kind only, never an address or a
+Milvus or Kafka message (those go to the log). Concurrent searches, answer streams and
+notification streams are bounded per tenant and overall (`service.admission`): over a bound a
+request gets 429 with Retry-After at once, and `/healthz` never waits behind them.
 
 Tenancy is decided here, never by the caller's data: a token from `api_tokens` is bound to one
 tenant (an `X-Tenant` naming another is refused); the single `api_token` (or no auth at all)
@@ -29,14 +32,25 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from headwater import __version__
-from headwater.errors import Busy, Forbidden, InvalidInput, Timeout, Unavailable
-from headwater.events import TENANT_RE, AnswerEvent, Scalar
+from headwater.errors import (
+    Busy,
+    Forbidden,
+    InvalidInput,
+    Timeout,
+    Unavailable,
+    public_message,
+)
+from headwater.events import TENANT_RE, AnswerEvent, Scalar, check_doc_id
 from headwater.health import Health
 from headwater.probes import bearer_ok, guard_exposure, probe_body
+from headwater.runtime.retry import one_line
 from headwater.settings import Settings
+from headwater.versions import INT64_MAX
+from service.admission import Admission
 from service.routes import documents as documents_routes
 from service.routes import events as events_routes
 from service.routes import openai_compat as openai_routes
@@ -44,6 +58,7 @@ from service.routes import openai_compat as openai_routes
 log = logging.getLogger(__name__)
 
 STREAM_WAIT_S = 1.0  # how often a stream's worker thread checks for a gone client
+EVENT_ID = re.compile(r"[0-9]{1,19}")  # a notification's offset, as its SSE event id
 
 
 # -- request bodies ----------------------------------------------------------------------------
@@ -57,7 +72,9 @@ class DocumentIn(_Body):
     doc_id: str = Field(min_length=1, max_length=512)
     text: str
     metadata: dict[str, Scalar] | None = None
-    version: int | None = Field(default=None, ge=0)
+    version: int | None = Field(
+        default=None, ge=0, le=INT64_MAX, description="The source's own version, if it has one."
+    )
 
 
 class AskIn(_Body):
@@ -94,11 +111,12 @@ def _fail(exc: Exception) -> HTTPException:
     status = _status_of(exc)
     if status == 500:
         log.exception("request failed")
-        return HTTPException(500, detail="internal error (see the server log)")
+    elif status >= 503:
+        log.warning("request failed (%d): %s", status, one_line(exc))
     headers = None
     if isinstance(exc, Busy):
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-    return HTTPException(status, detail=" ".join(str(exc).split()), headers=headers)
+    return HTTPException(status, detail=public_message(exc), headers=headers)
 
 
 # -- the app -----------------------------------------------------------------------------------
@@ -141,9 +159,14 @@ def create_app(
         description="Fresh knowledge for LLM applications: documents in, cited answers out.",
         lifespan=lifespan,
     )
-    bound = dict(settings.api_tokens)
-    admin = settings.api_token.get_secret_value() if settings.api_token is not None else None
+    # Tokens compared as bytes: compare_digest refuses str with non-ASCII characters.
+    bound = {tok.encode(): tenant for tok, tenant in settings.api_tokens.items()}
+    admin = settings.api_token.get_secret_value() if settings.api_token else None
     auth_on = bool(bound) or bool(admin)
+    searches = Admission("searches", settings.search_limit, settings.tenant_search_limit)
+    asks = Admission("answer streams", settings.ask_limit, settings.tenant_ask_limit)
+    streams = Admission("notification streams", settings.stream_limit,
+                        settings.tenant_stream_limit)  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -174,11 +197,11 @@ def create_app(
                     "missing bearer token (Authorization: Bearer <token>)",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
-            given = given.strip()
+            offered = given.strip().encode()
             fixed = next(
-                (t for tok, t in bound.items() if secrets.compare_digest(tok, given)), None
+                (t for tok, t in bound.items() if secrets.compare_digest(tok, offered)), None
             )
-            if fixed is None and not (admin and secrets.compare_digest(admin, given)):
+            if fixed is None and not (admin and secrets.compare_digest(admin.encode(), offered)):
                 raise HTTPException(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
         if fixed is not None:
             if x_tenant is not None and x_tenant != fixed:
@@ -186,7 +209,7 @@ def create_app(
             tenant = fixed
         else:
             tenant = settings.default_tenant if x_tenant is None else x_tenant
-        if not re.match(TENANT_RE, tenant) or not settings.tenant_known(tenant):
+        if not re.fullmatch(TENANT_RE, tenant) or not settings.tenant_known(tenant):
             raise HTTPException(403, f"unknown tenant {tenant[:64]!r}")
         return tenant
 
@@ -201,19 +224,19 @@ def create_app(
             )
         except Exception as exc:
             raise _fail(exc) from exc
-        return {"token": str(token), "doc_id": doc.doc_id, "tenant": tenant}
+        return {"token": str(token), "doc_id": check_doc_id(doc.doc_id), "tenant": tenant}
 
     @app.delete("/v1/documents/{doc_id:path}", tags=["documents"], summary="Delete a document")
     def delete_document(
         doc_id: Annotated[str, Path(min_length=1, max_length=512)],
         tenant: Tenant,
-        version: Annotated[int | None, Query(ge=0)] = None,
+        version: Annotated[int | None, Query(ge=0, le=INT64_MAX)] = None,
     ) -> dict[str, str]:
         try:
             token = publisher.delete(doc_id, tenant=tenant, version=version)
         except Exception as exc:
             raise _fail(exc) from exc
-        return {"token": str(token), "doc_id": doc_id, "tenant": tenant}
+        return {"token": str(token), "doc_id": check_doc_id(doc_id), "tenant": tenant}
 
     # -- search and answers ------------------------------------------------------------------
     @app.get("/v1/search", tags=["queries"], summary="Retrieve passages (no generation)")
@@ -224,7 +247,8 @@ def create_app(
         token: Annotated[str | None, Query(max_length=4096)] = None,
     ) -> dict[str, Any]:
         try:
-            hits = searcher.search(q, tenant=tenant, k=k, token=token or None)
+            with searches.slot(tenant):
+                hits = searcher.search(q, tenant=tenant, k=k, token=token or None)
         except Exception as exc:
             raise _fail(exc) from exc
         return {"hits": [_hit_dict(h) for h in hits], "tenant": tenant}
@@ -237,13 +261,22 @@ def create_app(
     )
     async def ask(body: AskIn, tenant: Tenant) -> EventSourceResponse:
         try:
+            slot = asks.acquire(tenant)
+        except Busy as exc:
+            raise _fail(exc) from exc
+        try:
             stream = await run_in_threadpool(
                 lambda: query_client.ask(
                     body.question, tenant=tenant, mode=body.mode, k=body.k, token=body.token
                 )
             )
         except Exception as exc:
+            slot.release()
             raise _fail(exc) from exc
+
+        def finish() -> None:
+            stream.close()  # before its end: the answerers stop generating it
+            slot.release()
 
         async def events() -> AsyncIterator[dict[str, str]]:
             try:
@@ -256,7 +289,7 @@ def create_app(
                             tenant=tenant,
                             kind="error",
                             seq=0,
-                            error=" ".join(str(exc).split()),
+                            error=public_message(exc),
                         )
                         yield {"event": "error", "data": failed.model_dump_json()}
                         return
@@ -267,9 +300,11 @@ def create_app(
                             "id": str(event.seq),
                         }
             finally:
-                stream.close()
+                finish()
 
-        return EventSourceResponse(events(), headers={"X-Query-Id": stream.query_id})
+        return EventSourceResponse(
+            events(), headers={"X-Query-Id": stream.query_id}, background=BackgroundTask(finish)
+        )
 
     # -- standing queries --------------------------------------------------------------------
     def _subs() -> Any:
@@ -326,12 +361,26 @@ def create_app(
         limit: Annotated[int | None, Query(ge=1, description="Close after this many.")] = None,
         idle: Annotated[float | None, Query(gt=0, description="Close after idle seconds.")] = None,
     ) -> EventSourceResponse:
-        sub = await run_in_threadpool(_own_subscription, subscription_id, tenant)
-        after = int(last_event_id) if last_event_id and last_event_id.isdigit() else None
+        if last_event_id is not None and not EVENT_ID.fullmatch(last_event_id):
+            raise HTTPException(422, "Last-Event-ID must be the id of a notification (digits)")
+        after = None if last_event_id is None else int(last_event_id)
         try:
-            stream = await run_in_threadpool(lambda: _subs().notifications(sub, after_offset=after))
-        except Exception as exc:
+            slot = streams.acquire(tenant)
+        except Busy as exc:
             raise _fail(exc) from exc
+        try:
+            sub = await run_in_threadpool(_own_subscription, subscription_id, tenant)
+            stream = await run_in_threadpool(lambda: _subs().notifications(sub, after_offset=after))
+        except HTTPException:
+            slot.release()
+            raise
+        except Exception as exc:
+            slot.release()
+            raise _fail(exc) from exc
+
+        def finish() -> None:
+            stream.close()
+            slot.release()
 
         async def events() -> AsyncIterator[dict[str, str]]:
             sent, quiet = 0, 0.0
@@ -351,9 +400,9 @@ def create_app(
                     if idle is not None and quiet >= idle:
                         return
             finally:
-                await anyio.to_thread.run_sync(stream.close)
+                await anyio.to_thread.run_sync(finish)
 
-        return EventSourceResponse(events())
+        return EventSourceResponse(events(), background=BackgroundTask(finish))
 
     # -- the ecosystem's protocols (service/routes) -------------------------------------------
     app.include_router(documents_routes.router(Tenant, searcher=searcher, fail=_fail))
@@ -373,7 +422,9 @@ def create_app(
 
     @app.get("/healthz", tags=["operations"], summary="Ready: Kafka and Milvus reachable")
     @app.get("/readyz", tags=["operations"], include_in_schema=False)
-    def healthz() -> JSONResponse:
+    async def healthz() -> JSONResponse:
+        # async: answered on the event loop from the last background results, never queued
+        # behind worker threads (waiting searches, streams)
         return _probe(*(health.ready() if health is not None else (True, {})))
 
     @app.get("/livez", tags=["operations"], summary="The process answers")

@@ -18,7 +18,7 @@ from consumers.answerer import (
 )
 from consumers.indexer import Indexer
 from consumers.replies import QueryClient
-from headwater.errors import InvalidInput, QueryTimeout, UnknownTenantError
+from headwater.errors import InvalidInput, QueryTimeout, StoreError, UnknownTenantError
 from headwater.events import AdapterAnnouncement, AnswerEvent, ChatTurn, Hit, QueryEvent
 from headwater.runtime.clients import admin, consumer, producer
 from headwater.settings import Settings
@@ -380,11 +380,17 @@ def test_answer_events_with_fakes():
     tokens = [e for e in events if e.kind == "token"]
     assert len(tokens) >= 3 and all(e.query_id == q.query_id for e in events)
     assert "".join(e.text for e in tokens) == "Rivers flow downhill. Water is wet. [1]"
-    # A failing search ends the answer with an error event, counted.
-    a = _answerer(s, FakeSearcher(error=RuntimeError("Milvus down\nreally")))
+    # A failing search ends the answer with an error event, counted; the event says what failed
+    # without Milvus' own message (addresses, internals stay in the log).
+    a = _answerer(s, FakeSearcher(error=StoreError("Milvus search failed at 10.0.0.7:19530\n")))
     assert a.answer(q) == "error"
     ((_, _, err),) = a.producer.sent
-    assert err.kind == "error" and err.error == "Milvus down really" and a.errors == 1
+    assert err.kind == "error" and a.errors == 1
+    assert err.error.startswith("the index (Milvus) is unavailable") and "10.0.0.7" not in err.error
+    a = _answerer(s, FakeSearcher(error=RuntimeError("a bug")))
+    assert a.answer(q) == "error"
+    ((_, _, err),) = a.producer.sent
+    assert err.error == "internal error (details in the server log)"
 
 
 def test_generated_answer_with_fakes():

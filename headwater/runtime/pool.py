@@ -5,21 +5,28 @@ independent. A partition's offset is committed only past records whose handling 
 whose produced records were all acknowledged; a record cancelled by shutdown is never
 committed past, so the group's next owner handles it again. When every worker is busy the
 member pauses its partitions (and keeps polling, so it stays in the group) instead of buffering.
+
+With a `key` function (the query consumer's: the tenant), records are fair between keys: at
+most `per_key` of one key are handled at once and the next ones wait in that key's lane, while
+records of other keys go past them; a full lane refuses its next record (the error policy gets
+`Busy`), so one key's flood can neither occupy every worker nor stop the partitions for others.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from kafka import KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from headwater.errors import Cancelled, ProduceFailed
+from headwater.errors import Busy, Cancelled, ProduceFailed
 from headwater.runtime import clients
 from headwater.runtime.deadletter import OnError
 from headwater.runtime.member import GroupMember
@@ -28,14 +35,17 @@ from headwater.runtime.retry import DEFAULT_BACKOFF, Backoff, one_line, retrying
 from headwater.settings import Settings
 
 T = TypeVar("T")
+W = TypeVar("W")
 log = logging.getLogger(__name__)
 
 POLL_MS = 200
 GRACE_S = 5.0  # how long shutdown waits for records in hand before cancelling them
+TOTAL_LANES = 8  # all lanes together hold at most this many lanes' backlog
 
 Decode = Callable[[ConsumerRecord], T]
 # Handles one record; `cancel` is set when the loop stops (a handler should give up promptly).
 Handle = Callable[[T, ConsumerRecord, Outbox, threading.Event], None]
+Key = Callable[[T], Hashable | None]  # the lane of a decoded record (None: no bound)
 
 
 class PoolLoop(Generic[T]):
@@ -55,9 +65,16 @@ class PoolLoop(Generic[T]):
         producer: KafkaProducer | None = None,
         backoff: Backoff = DEFAULT_BACKOFF,
         on_assigned: Callable[[set[TopicPartition]], None] | None = None,
+        key: Key[T] | None = None,
+        per_key: int = 1,
+        key_backlog: int = 0,
     ) -> None:
         self.decode, self.handle, self.on_error = decode, handle, on_error
         self.workers = workers
+        self.key = key
+        self.lanes: Lanes[tuple[ConsumerRecord, T]] = Lanes(per_key, key_backlog)
+        self._pool: ThreadPoolExecutor | None = None
+        self._stopping = threading.Event()
         self.backoff = backoff
         self._owns_producer = producer is None
         self.producer = producer or clients.producer(
@@ -77,10 +94,13 @@ class PoolLoop(Generic[T]):
     def run(self, stop: threading.Event) -> None:
         """Handle records until `stop` is set; then finish (or cancel) what is in hand."""
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"{self.member.group}-worker")
+        self._pool = pool
         paused = False
         try:
             while not stop.is_set():
-                room = 2 * self.workers - self.offsets.in_flight
+                # Records waiting in a lane are bounded by the lanes themselves: they do not
+                # stop the fetching, or one key's flood would hold back every other key.
+                room = 2 * self.workers - (self.offsets.in_flight - self.lanes.waiting)
                 if room > 0 and paused:
                     self.member.resume()
                     paused = False
@@ -100,11 +120,13 @@ class PoolLoop(Generic[T]):
                         if (tp, record.offset) in self._running:
                             continue  # polled again after a rebalance gave it back: in hand
                         self._running.add((tp, record.offset))
-                    pool.submit(self._work, record, stop)
+                    self._admit(record)
                 self._commit()
+            self._stopping.set()
             pool.shutdown(wait=False)
             self._drain(GRACE_S)
         finally:
+            self._stopping.set()
             self._cancel.set()
             pool.shutdown(wait=True, cancel_futures=True)
             self._commit()
@@ -112,30 +134,62 @@ class PoolLoop(Generic[T]):
             if self._owns_producer:
                 self.producer.close(timeout=10)
 
+    def _admit(self, record: ConsumerRecord) -> None:
+        """Decode a record and run it now, let it wait in its lane, or refuse it (lane full)."""
+        try:
+            item = self.decode(record)
+        except Exception as exc:
+            self._submit(self._fail, record, exc)
+            return
+        lane = None if self.key is None else self.key(item)
+        verdict = self.lanes.admit(lane, (record, item))
+        if verdict == "run":
+            self._submit(self._work, record, item, lane)
+        elif verdict == "refuse":
+            busy = Busy(f"too many records of {lane} in hand; try again later")
+            self._submit(self._fail, record, busy)
+
+    def _submit(self, fn: Callable, *args: object) -> None:
+        if self._stopping.is_set() or self._pool is None:
+            return  # stopping: never finished, so never committed past; redelivered
+        with contextlib.suppress(RuntimeError):  # shut down meanwhile: redelivered too
+            self._pool.submit(fn, *args)
+
     def _drain(self, grace_s: float) -> None:
         deadline = threading.Event()
         timer = threading.Timer(grace_s, deadline.set)
         timer.start()
         try:
-            while self.offsets.in_flight and not deadline.is_set():
+            while self.offsets.in_flight - self.lanes.waiting > 0 and not deadline.is_set():
                 self._commit()
                 deadline.wait(0.05)
         finally:
             timer.cancel()
 
-    def _work(self, record: ConsumerRecord, stop: threading.Event) -> None:
+    def _fail(self, record: ConsumerRecord, exc: Exception) -> None:
+        """A record that is not handled (it does not decode, or its lane is full)."""
+        self._finish(record, lambda out: self.on_error(exc, record, out))
+
+    def _work(self, record: ConsumerRecord, item: T, lane: Hashable | None) -> None:
+        tp = TopicPartition(record.topic, record.partition)
+        try:
+            self._finish(record, lambda out: retrying(
+                lambda: self._handle(item, record, out), stop=self._cancel,
+                what=f"{self.member.group} record {tp.partition}@{record.offset}",
+                backoff=self.backoff))  # fmt: skip
+        finally:
+            if lane is not None:
+                nxt = self.lanes.done(lane)
+                if nxt is not None:
+                    self._submit(self._work, *nxt, lane)
+
+    def _finish(self, record: ConsumerRecord, step: Callable[[Outbox], object]) -> None:
+        """Run `step` with the record's outbox, settle what it produced, report the record."""
         tp = TopicPartition(record.topic, record.partition)
         out = Outbox(self.producer)
         done = False
         try:
-            try:
-                item = self.decode(record)
-            except Exception as exc:
-                self.on_error(exc, record, out)
-            else:
-                retrying(lambda: self._handle(item, record, out), stop=self._cancel,
-                         what=f"{self.member.group} record {tp.partition}@{record.offset}",
-                         backoff=self.backoff)  # fmt: skip
+            step(out)
             retrying(lambda: self._settle(record, out), stop=self._cancel,
                      what=f"{self.member.group} produce", backoff=self.backoff)  # fmt: skip
             done = True
@@ -183,6 +237,58 @@ class PoolLoop(Generic[T]):
                 self.offsets.committed(commit)
         except Exception as exc:  # broker away: the same offsets are committed next time
             log.warning("%s: commit failed: %s", self.member.group, one_line(exc))
+
+
+class Lanes(Generic[W]):
+    """Per-key bounds on work in hand: at most `per_key` running and `backlog` waiting per key,
+    and `backlog * TOTAL_LANES` waiting in all (pure logic; thread-safe)."""
+
+    def __init__(self, per_key: int, backlog: int) -> None:
+        self.per_key = max(1, per_key)
+        self.backlog = max(0, backlog)
+        self._running: dict[Hashable, int] = {}
+        self._waiting: dict[Hashable, deque[W]] = {}
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def waiting(self) -> int:
+        with self._lock:
+            return self._count
+
+    def admit(self, key: Hashable | None, work: W) -> Literal["run", "wait", "refuse"]:
+        """Whether `work` of `key` runs now, waits for its key, or is refused."""
+        if key is None:
+            return "run"
+        with self._lock:
+            if self._running.get(key, 0) < self.per_key:
+                self._running[key] = self._running.get(key, 0) + 1
+                return "run"
+            lane = self._waiting.setdefault(key, deque())
+            if len(lane) >= self.backlog or self._count >= self.backlog * TOTAL_LANES:
+                if not lane:
+                    del self._waiting[key]
+                return "refuse"
+            lane.append(work)
+            self._count += 1
+            return "wait"
+
+    def done(self, key: Hashable) -> W | None:
+        """One work of `key` finished: the next waiting one, now counted as running."""
+        with self._lock:
+            lane = self._waiting.get(key)
+            if lane:
+                self._count -= 1
+                work = lane.popleft()
+                if not lane:
+                    del self._waiting[key]
+                return work
+            left = self._running.get(key, 1) - 1
+            if left:
+                self._running[key] = left
+            else:
+                self._running.pop(key, None)
+            return None
 
 
 class Offsets:
