@@ -4,6 +4,13 @@ Every filesystem event only marks a path as "dirty"; after a short quiet period 
 path's current state decides the event: a readable file is upserted, a missing one that was
 published is deleted. So bursts of writes, editors' save-by-rename and moves all end up as one
 correct event per path, and a file's unchanged content is never published twice.
+
+What the watcher published comes from the documents topic when it starts (`published`, read by
+`consumers.truth.published_by`: the topic is the truth, nothing is kept on local disk): the
+documents of its tenant whose latest event came from this folder. A file deleted while no
+watcher ran is therefore deleted at the next start, and an unchanged file is not published
+again. Files are read only inside the folder: a symlink that
+leads out of it (to a credentials file, say) is skipped.
 """
 
 from __future__ import annotations
@@ -11,10 +18,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
+import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 
@@ -45,7 +54,8 @@ class FolderWatcher:
     """Keeps the documents of one tenant in step with the files under `folder`.
 
     doc_id = the file's path relative to `folder`, POSIX style. Hidden files and folders
-    (a leading ".") are ignored, as are names matching none of `patterns`.
+    (a leading ".") are ignored, as are names matching none of `patterns`. Events carry the
+    source `watch:<folder>`, which is how a later watcher of the folder recognizes them.
     """
 
     def __init__(
@@ -56,19 +66,22 @@ class FolderWatcher:
         tenant: str,
         patterns: Sequence[str] = ("*.md", "*.txt"),
         debounce_s: float = 0.3,
+        published: Mapping[str, str] | None = None,
     ) -> None:
         self.publisher = publisher
         self.folder = Path(folder).resolve()
         if not self.folder.is_dir():
             raise ValueError(f"{folder} is not a folder")
         self.tenant = tenant
+        self.source = watch_source(self.folder)
         self.patterns = tuple(patterns)
         self.debounce_s = debounce_s
         # A path written continuously is still published at least this often.
         self.max_delay_s = max(10 * debounce_s, 1.0)
         self.token = FreshnessToken()
         self.stats: Counter[str] = Counter()
-        self._digests: dict[str, str] = {}  # doc_id -> sha256 of the text last published
+        # doc_id -> text_digest of the text last published (from the topic, at start)
+        self._digests: dict[str, str] = dict(published or {})
         self._dirty: dict[str, tuple[float, float]] = {}  # doc_id -> (first seen, due)
         self._lock = threading.Lock()
         self.ready = threading.Event()  # set once the initial scan is published
@@ -93,14 +106,19 @@ class FolderWatcher:
             observer.join()
 
     def scan(self) -> None:
-        """Publish every matching file (in batches); a broker failure here is raised."""
+        """Publish every matching file (in batches), and delete the published ones that are
+        gone; a broker failure here is raised."""
         batch: list[tuple[DocumentEvent, str]] = []
-        for doc_id in self._walk(self.folder):
+        present = self._walk(self.folder)
+        inside = {_nfc(d) for d in present if self._inside(d)}
+        for doc_id in sorted(set(self._digests) - inside):
+            self.sync(doc_id)  # deleted while no watcher ran (or now a link out of the folder)
+        for doc_id in present:
             text = self._read(doc_id)
             if text is None:
                 continue
-            digest = _digest(text)
-            if self._digests.get(doc_id) == digest:
+            digest = text_digest(text)
+            if self._digests.get(_nfc(doc_id)) == digest:
                 continue
             event = self._build("upsert", doc_id, text)
             if event is not None:
@@ -129,22 +147,22 @@ class FolderWatcher:
     def sync(self, doc_id: str) -> None:
         """Publish what `doc_id` is now: upsert its text, or delete it when the file is gone."""
         path = self.folder / doc_id
-        if path.is_file():
+        if self._inside(doc_id) and path.is_file():
             text = self._read(doc_id)
             if text is None:
                 return
-            digest = _digest(text)
-            if self._digests.get(doc_id) == digest:
+            digest = text_digest(text)
+            if self._digests.get(_nfc(doc_id)) == digest:
                 return
             event = self._build("upsert", doc_id, text)
             if event is not None:
                 self._publish(event)
-                self._digests[doc_id] = digest
-        elif doc_id in self._digests and not path.exists():
+                self._digests[event.doc_id] = digest
+        elif _nfc(doc_id) in self._digests and not (path.exists() and self._inside(doc_id)):
             event = self._build("delete", doc_id, None)
             if event is not None:
                 self._publish(event)
-                del self._digests[doc_id]
+                del self._digests[event.doc_id]
 
     @property
     def published(self) -> set[str]:
@@ -199,15 +217,30 @@ class FolderWatcher:
                     found.append(doc_id)
         return found
 
+    def _inside(self, doc_id: str) -> bool:
+        """Whether the path, its links followed, stays inside the folder."""
+        try:
+            return (self.folder / doc_id).resolve().is_relative_to(self.folder)
+        except (OSError, RuntimeError):  # a link loop
+            return False
+
     def _read(self, doc_id: str) -> str | None:
         """The file's text, or None (logged) when it cannot be a document."""
-        path = self.folder / doc_id
         limit = self.publisher.limits.max_text_bytes
         try:
-            size = path.stat().st_size
-            if size > limit:
-                return self._skip(doc_id, f"{size:,} bytes is over the {limit:,} byte limit")
-            data = path.read_bytes()
+            real = (self.folder / doc_id).resolve(strict=True)
+            if not real.is_relative_to(self.folder):
+                return self._skip(doc_id, "a link that leads out of the folder")
+            # The resolved path has no link left; O_NOFOLLOW refuses one swapped in since.
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as fh:
+                info = os.fstat(fh.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    return self._skip(doc_id, "not a regular file")
+                if info.st_size > limit:
+                    size = info.st_size
+                    return self._skip(doc_id, f"{size:,} bytes is over the {limit:,} byte limit")
+                data = fh.read(limit + 1)
         except OSError as exc:
             return self._skip(doc_id, f"unreadable ({exc.strerror or exc})")
         if len(data) > limit:
@@ -226,7 +259,9 @@ class FolderWatcher:
 
     def _build(self, op: str, doc_id: str, text: str | None) -> DocumentEvent | None:
         try:
-            return self.publisher.build(op, doc_id, text=text, tenant=self.tenant, source="watch")
+            return self.publisher.build(
+                op, doc_id, text=text, tenant=self.tenant, source=self.source
+            )
         except InvalidInput as exc:
             return self._skip(doc_id, str(exc))
 
@@ -270,5 +305,19 @@ class _Handler(FileSystemEventHandler):
             self.watcher.mark(dest)
 
 
-def _digest(text: str) -> str:
+def text_digest(text: str) -> str:
+    """What tells two versions of a file apart (sha256 of the text)."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _nfc(doc_id: str) -> str:
+    # File names may be decomposed on disk (macOS); document ids are always NFC.
+    return unicodedata.normalize("NFC", doc_id)
+
+
+def watch_source(folder: Path) -> str:
+    """The source of a folder's events: `watch:<folder>` (hashed when the path is long)."""
+    name = f"watch:{folder}"
+    if len(name) > 200:
+        name = f"watch:{hashlib.sha256(str(folder).encode()).hexdigest()[:32]}"
+    return name

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from kafka import TopicPartition
 
+from consumers.truth import published_by
 from headwater.events import DocumentEvent, parse_document
 from headwater.runtime import clients
 from headwater.settings import Settings
 from producers.publisher import DocumentPublisher
-from producers.watch import FolderWatcher
+from producers.watch import FolderWatcher, text_digest, watch_source
 
 WAIT_S = 20.0
 
@@ -28,6 +29,7 @@ class TopicTail:
         self.consumer.assign(parts)
         self.consumer.seek_to_beginning(*parts)
         self.events: list[DocumentEvent] = []
+        self.positions: list[tuple[int, int]] = []  # (partition, offset) of each event
 
     def wait_for(self, done: Callable[[list[DocumentEvent]], bool]) -> list[DocumentEvent]:
         deadline = time.monotonic() + WAIT_S
@@ -35,6 +37,7 @@ class TopicTail:
             assert time.monotonic() < deadline, f"events so far: {self.summary()}"
             for batch in self.consumer.poll(timeout_ms=100).values():
                 self.events.extend(parse_document(r.value) for r in batch)
+                self.positions.extend((r.partition, r.offset) for r in batch)
         return self.events
 
     def drain(self) -> None:
@@ -50,7 +53,11 @@ class TopicTail:
         return sum(1 for e in self.events if (e.op, e.doc_id) == (op, doc_id))
 
     def latest(self, doc_id: str) -> DocumentEvent:
-        return max((e for e in self.events if e.doc_id == doc_id), key=lambda e: e.version)
+        """The document's last event in the log (its events share one partition)."""
+        mine = [(pos, e) for pos, e in zip(self.positions, self.events, strict=True)
+                if e.doc_id == doc_id]  # fmt: skip
+        assert len({p for (p, _), _ in mine}) == 1, "one document's events on two partitions"
+        return max(mine, key=lambda pe: pe[0])[1]
 
 
 @pytest.fixture
@@ -88,7 +95,8 @@ def test_initial_scan_publishes_matching_readable_files(watching) -> None:
         ("upsert", "a.md", "# A\n\nfirst"),
         ("upsert", "guide/b.txt", "B text"),
     ]
-    assert all(e.source == "watch" and e.tenant == "default" for e in events)
+    assert all(e.source == f"watch:{watcher.folder}" and e.tenant == "default" for e in events)
+    assert all(e.version is None for e in events)  # ordered by the log, not by a clock
     # binary.md, latin1.md and big.md are reported and skipped; hidden and *.png ignored.
     assert watcher.stats["skipped"] == 3
     assert watcher.published == {"a.md", "guide/b.txt"}
@@ -131,10 +139,10 @@ def test_create_modify_delete_and_move_become_events(watching) -> None:
     tail.wait_for(lambda ev: tail.latest("a.md").text == "# A\n\nburst 19")
     assert tail.count("upsert", "a.md") - before < 20
 
-    # Versions of one document only grow; a delete never carries text.
+    # Each document's events share one partition; a delete never carries text.
     for doc_id in {e.doc_id for e in tail.events}:
-        versions = [e.version for e in tail.events if e.doc_id == doc_id]
-        assert versions == sorted(versions) and len(set(versions)) == len(versions)
+        tail.latest(doc_id)
+    assert all(e.text is None for e in tail.events if e.op == "delete")
     assert watcher.published == {"a.md", "guide/moved.md", "incoming/c.md"}
 
 
@@ -176,3 +184,66 @@ def test_a_burst_is_published_once_after_it_goes_quiet(settings: Settings, tmp_p
         ("upsert", "a.md", "version 4"),
         ("delete", "a.md", None),
     ]
+
+
+def test_links_out_of_the_folder_are_never_followed(settings: Settings, tmp_path: Path) -> None:
+    secret = tmp_path / "credentials.txt"
+    secret.write_text("aws_secret_access_key = hunter2", encoding="utf-8")
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private" / "keys.md").write_text("ssh private key", encoding="utf-8")
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "real.md").write_text("a real document", encoding="utf-8")
+    (folder / "creds.txt").symlink_to(secret)
+    (folder / "escape.md").symlink_to("../credentials.txt")
+    (folder / "private").symlink_to(tmp_path / "private", target_is_directory=True)
+    (folder / "alias.md").symlink_to("real.md")  # a link inside the folder is fine
+    tail = TopicTail(settings)
+    with DocumentPublisher(settings) as pub:
+        watcher = FolderWatcher(pub, folder, tenant="default", debounce_s=60)
+        watcher.scan()
+        # A file that later becomes a link out (editors, attackers) is not read either.
+        (folder / "real.md").unlink()
+        (folder / "real.md").symlink_to(secret)
+        watcher.mark(folder / "real.md")
+        watcher.mark(folder / "private" / "keys.md")
+        watcher.process_due(force=True)
+    tail.drain()
+    tail.consumer.close()
+    assert tail.summary() == [("upsert", "alias.md"), ("upsert", "real.md"), ("delete", "real.md")]
+    assert not any("hunter2" in (e.text or "") or "ssh" in (e.text or "") for e in tail.events)
+    assert watcher.stats["skipped"] >= 2
+
+
+def recalled(settings: Settings, folder: Path) -> dict[str, str]:
+    """What earlier watchers of `folder` published, read back from the topic (as the CLI does)."""
+    return published_by(settings, "default", watch_source(folder.resolve()), text_digest)
+
+
+def test_deletes_made_while_stopped_are_published_at_the_next_start(
+    settings: Settings, tmp_path: Path
+) -> None:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for name in ("keep.md", "gone.md", "edited.md"):
+        (folder / name).write_text(f"{name} v1", encoding="utf-8")
+    other = tmp_path / "other"  # another folder of the same tenant: never touched
+    other.mkdir()
+    (other / "theirs.md").write_text("their document", encoding="utf-8")
+    tail = TopicTail(settings)
+    with DocumentPublisher(settings) as pub:
+        for where in (folder, other):
+            FolderWatcher(pub, where, tenant="default", published=recalled(settings, where)).scan()
+    tail.drain()
+    assert len(tail.events) == 4
+    # Stopped: one file deleted, one edited. A new watcher knows only what the topic says.
+    (folder / "gone.md").unlink()
+    (folder / "edited.md").write_text("edited.md v2", encoding="utf-8")
+    with DocumentPublisher(settings) as pub:
+        second = FolderWatcher(pub, folder, tenant="default", published=recalled(settings, folder))
+        assert second.published == {"keep.md", "gone.md", "edited.md"}
+        second.scan()
+    tail.drain()
+    tail.consumer.close()
+    assert tail.summary()[4:] == [("delete", "gone.md"), ("upsert", "edited.md")]
+    assert second.published == {"keep.md", "edited.md"}

@@ -16,13 +16,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from consumers.truth import published_by
 from headwater.errors import DeliveryError, HeadwaterError
 from headwater.runtime.shutdown import stop_on_signals
 from headwater.settings import Settings
 from headwater.tokens import FreshnessToken
 from producers.corpus import count_records, default_corpus_dir, read_corpus, replay
 from producers.publisher import DocumentPublisher
-from producers.watch import FolderWatcher
+from producers.watch import FolderWatcher, text_digest, watch_source
 from service.commands import remote
 
 EXIT_BAD_INPUT = 2
@@ -146,9 +147,14 @@ def _watch(settings: Settings, args: argparse.Namespace) -> int:
     if not args.folder.is_dir():
         return _fail(f"{args.folder} is not a folder")
     stop = stop_on_signals()
+    folder = args.folder.resolve()
+    try:  # what earlier runs published, from the topic: deletes made meanwhile are published
+        published = published_by(settings, tenant, watch_source(folder), text_digest)
+    except HeadwaterError as exc:
+        return _fail(f"cannot read back the documents topic: {exc}", EXIT_DELIVERY)
     with DocumentPublisher(settings) as publisher:
         watcher = FolderWatcher(
-            publisher, args.folder, tenant=tenant,
+            publisher, folder, tenant=tenant, published=published,
             patterns=tuple(args.pattern or ("*.md", "*.txt")),
         )  # fmt: skip
         print(f"watching {watcher.folder} for tenant {tenant!r} (Ctrl-C stops)", file=sys.stderr)
