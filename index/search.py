@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+import unicodedata
 from collections.abc import Callable
+from typing import Any
 
 from headwater.errors import FreshnessTimeout, SearchError, UnknownTenantError
 from headwater.events import Hit, IndexedDocument
@@ -31,6 +33,7 @@ class Searcher:
         self.embedder = embedder
         self.store = store
         self._wait = wait_for_token
+        self._progress: Any = None
 
     def search(self, query: str, *, tenant: str, k: int = 5, token: str | None = None) -> list[Hit]:
         if not isinstance(query, str) or not query.strip():
@@ -66,7 +69,7 @@ class Searcher:
             raise UnknownTenantError(f"unknown tenant {tenant!r}")
         if token:
             self.wait(token)
-        keys = {d: doc_key(tenant, d) for d in doc_ids}
+        keys = {d: doc_key(tenant, unicodedata.normalize("NFC", d)) for d in doc_ids}
         states = self.store.doc_states(set(keys.values()))
         live = [states[k] for k in keys.values() if k in states and not states[k].deleted]
         texts = self.store.texts({c for s in live for c in s.chunk_ids})
@@ -84,13 +87,28 @@ class Searcher:
             )  # fmt: skip
         return out
 
-    def wait(self, token: str) -> None:
-        """Block (bounded) until the indexer has applied `token`; SearchError if it has not."""
-        if self._wait is None:
+    def check_token(self, token: str) -> None:
+        """TokenBeyondLog (422) at once for a token that names no acknowledged write: a caller
+        checks it before queuing a search that would wait for it in vain."""
+        try:
+            self._tracker().check_reachable(token)
+        except SearchError:
+            raise
+        except ValueError as exc:
+            raise SearchError(f"bad freshness token: {exc}") from exc
+
+    def _tracker(self) -> Any:
+        if self._progress is None:
             from headwater.progress import Progress
 
             # One admin connection per searcher: connecting per query would dominate the wait.
-            progress = Progress(self.settings)
+            self._progress = Progress(self.settings)
+        return self._progress
+
+    def wait(self, token: str) -> None:
+        """Block (bounded) until the indexer has applied `token`; SearchError if it has not."""
+        if self._wait is None:
+            progress = self._tracker()
             self._wait = lambda tok, timeout: progress.wait_for_token(tok, timeout)
         waiter = self._wait
         timeout = self.settings.freshness_wait_s

@@ -197,7 +197,8 @@ def create_app(
                     "missing bearer token (Authorization: Bearer <token>)",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
-            offered = given.strip().encode()
+            # Starlette decodes header bytes as latin-1: encoding back gives the bytes sent.
+            offered = given.strip().encode("latin-1", "replace")
             fixed = next(
                 (t for tok, t in bound.items() if secrets.compare_digest(tok, offered)), None
             )
@@ -247,6 +248,9 @@ def create_app(
         token: Annotated[str | None, Query(max_length=4096)] = None,
     ) -> dict[str, Any]:
         try:
+            if token and hasattr(searcher, "check_token"):
+                # Before taking a slot: a hopeless token is refused at once, never queued.
+                searcher.check_token(token)
             with searches.slot(tenant):
                 hits = searcher.search(q, tenant=tenant, k=k, token=token or None)
         except Exception as exc:

@@ -29,7 +29,7 @@ from index.store import ChunkStore
 from producers.publisher import DocumentPublisher
 from service.gateway import create_app, serve
 from stack.daemon import free_port, port_open
-from tests.test_answerer import _read_answer
+from tests.test_answerer import FakeHit, FakeSearcher, _read_answer
 from tests.test_generation import Gate, one_torch_thread, tiny_generator
 
 __all__ = ["one_torch_thread"]
@@ -129,7 +129,7 @@ def test_hopeless_tokens_are_refused_at_once_and_healthz_stays_fast(gateway):
     assert max(t for _, t, _ in results) < wait  # none waited for the token
     print(f"FAIRNESS hopeless tokens: slowest 422 {max(t for _, t, _ in results):.2f} s, "
           f"/healthz max {max(health):.3f} s over {len(health)} probes")  # fmt: skip
-    assert health and max(health) < 1.0
+    assert health and max(health) < wait / 2  # never queued behind the searches
 
 
 def test_waiting_searches_are_bounded_per_tenant_and_others_pass(gateway):
@@ -156,7 +156,7 @@ def test_waiting_searches_are_bounded_per_tenant_and_others_pass(gateway):
     assert all(h.get("retry-after") == "1" and t < s.freshness_wait_s for t, h in refused)
     print(f"FAIRNESS waiting searches: {statuses.count(429)} x 429, {statuses.count(504)} x 504, "
           f"tenant b in {b_took:.2f} s, /healthz max {max(health):.3f} s")  # fmt: skip
-    assert max(health) < 1.0
+    assert max(health) < s.freshness_wait_s / 2  # never queued behind the waiting searches
 
 
 # -- the answerer: one tenant's flood, expiry, abandoned answers -----------------------------------
@@ -178,8 +178,8 @@ def answering(settings: Settings, embedder):
     stop = threading.Event()
     threads: list[threading.Thread] = []
 
-    def start(generator=None) -> Answerer:
-        answerer = Answerer(s, searcher, generator)
+    def start(generator=None, search=None) -> Answerer:
+        answerer = Answerer(s, search or searcher, generator)
         t = threading.Thread(target=answerer.run, args=(stop,), daemon=True)
         t.start()
         threads.append(t)
@@ -222,7 +222,9 @@ def test_a_flood_from_one_tenant_leaves_room_for_another(answering):
           f"{len(busy)} busy, {len(waited)} timed out on the token, "
           f"{outcomes.count('QueryTimeout')} gave up")  # fmt: skip
     assert b_took < 3.0  # never behind a's queries (each holds a worker 3 s)
-    assert len(busy) == 20 - 1 - s.query_tenant_backlog
+    # One of a's queries runs and `query_tenant_backlog` wait; the rest are answered busy (a
+    # record redelivered after a rebalance may add one busy answer: not fewer).
+    assert len(busy) >= 20 - 1 - s.query_tenant_backlog
     assert 1 <= len(waited) <= 1 + s.query_tenant_backlog
     assert outcomes.count("QueryTimeout") >= 1  # the last of a's lane outlived its asker...
     deadline = time.monotonic() + 30
@@ -234,7 +236,9 @@ def test_a_flood_from_one_tenant_leaves_room_for_another(answering):
 @pytest.mark.slow  # a generator held mid-answer: ~20 s
 def test_an_abandoned_answer_is_not_generated_further(answering):
     generator = tiny_generator(max_new_tokens=200)
-    answerer = answering.start(generator)
+    # A passage to answer from (without one, nothing is generated at all).
+    hit = FakeHit("rivers.md", 1, "c1", 0.9, "Rivers flow downhill. " * 20)
+    answerer = answering.start(generator, FakeSearcher([hit]))
     abandoned_before = DROPPED.labels("abandoned")._value.get()
     gate = Gate(generator.base, at=3)  # hold the model inside its third forward pass
     stream = answering.client.ask("what?", tenant="b")
