@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 # In this order under `all`: ingest's bare pass and incremental's replay leave real vectors in
 # the run's memo, which freshness (its untimed snapshot) and query (its 10k/100k rows) reuse.
 # chunking needs neither the memo nor the stack, so it comes last.
-BENCHMARKS = ("ingest", "incremental", "freshness", "query", "lora", "chunking")
+BENCHMARKS = ("ingest", "incremental", "freshness", "query", "lora", "chunking", "hostile")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
