@@ -38,6 +38,8 @@ class Progress:
         self._owns_admin = admin is None
         self._lock = threading.Lock()
         self._high: dict[int, int] = {}  # end offsets as last seen: they only grow
+        self._high_at = float("-inf")  # time.monotonic() when they were read
+        self._high_lock = threading.Lock()
 
     # -- offsets ------------------------------------------------------------------------------
 
@@ -76,10 +78,16 @@ class Progress:
         token = FreshnessToken.parse(token)
         if all(offset < self._high.get(p, -1) for p, offset in token.items()):
             return
-        try:
-            self._high = self.end_offsets()
-        except KafkaError:
-            return  # cannot tell now: the bounded wait decides
+        asked = time.monotonic()
+        with self._high_lock:
+            # One read at a time: a read that began after this call was made is as good as its
+            # own (40 hopeless tokens at once cost one round trip, not 40 in a row).
+            if self._high_at < asked:
+                try:
+                    self._high = self.end_offsets()
+                except KafkaError:
+                    return  # cannot tell now: the bounded wait decides
+                self._high_at = time.monotonic()
         beyond = [f"{p}:{o}" for p, o in token.items() if o >= self._high.get(p, -1)]
         if beyond:
             ends = ",".join(f"{p}:{o}" for p, o in sorted(self._high.items()))
