@@ -415,7 +415,7 @@ def create_app(
         openai_routes.router(
             settings, Tenant, query_client=query_client, fail=_fail,
             embedder=embedder if embedder is not None else getattr(searcher, "embedder", None),
-            models=models or (lambda tenant: [settings.generator or "extractive"]),
+            models=models or (lambda tenant: [settings.generator or "extractive"]), asks=asks,
         )
     )  # fmt: skip
 

@@ -28,9 +28,10 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from headwater.errors import QueryError
+from headwater.errors import QueryError, public_message
 from headwater.events import ChatTurn, Hit
 from headwater.settings import Settings
 
@@ -100,6 +101,7 @@ def router(
     embedder: Any,
     models: Callable[[str], list[str]],
     fail: Callable[[Exception], HTTPException],
+    asks: Any = None,
 ) -> APIRouter:
     """The routes; `Tenant` is the gateway's tenant dependency, `fail` its error mapping."""
     api = APIRouter(tags=["openai"])
@@ -169,6 +171,11 @@ def router(
         history = [ChatTurn(role="system" if r == "developer" else r, content=c[:16_384])
                    for r, c in turns[:-1]][-64:]  # fmt: skip
         try:
+            # The gateway's bound on answer streams (per tenant and overall) holds here too.
+            slot = asks.acquire(tenant) if asks is not None else None
+        except Exception as exc:
+            return failed(exc)
+        try:
             stream = await run_in_threadpool(
                 lambda: query_client.ask(
                     question, tenant=tenant, mode="answer", k=body.k, token=body.token,
@@ -178,7 +185,15 @@ def router(
                 )
             )  # fmt: skip
         except Exception as exc:
+            if slot is not None:
+                slot.release()
             return failed(exc)
+
+        def finish() -> None:
+            stream.close()  # before its end: the answerers stop generating it
+            if slot is not None:
+                slot.release()
+
         completion = f"chatcmpl-{stream.query_id}"
         created = int(time.time())
 
@@ -194,7 +209,7 @@ def router(
             except Exception as exc:
                 return failed(exc)
             finally:
-                stream.close()
+                finish()
             usage = _usage(done)
             return {
                 "id": completion, "object": "chat.completion", "created": created,
@@ -215,7 +230,7 @@ def router(
                     try:
                         event = await anyio.to_thread.run_sync(stream.get, STREAM_WAIT_S)
                     except Exception as exc:  # timeout or reader failure: say so, in-band
-                        yield {"data": _json({"error": {"message": " ".join(str(exc).split()),
+                        yield {"data": _json({"error": {"message": public_message(exc),
                                                         "type": "api_error"}})}  # fmt: skip
                         return
                     if event is None:
@@ -239,9 +254,11 @@ def router(
                         return
                 yield {"data": "[DONE]"}
             finally:
-                stream.close()
+                finish()
 
-        return EventSourceResponse(events(), headers={"X-Query-Id": stream.query_id})
+        return EventSourceResponse(
+            events(), headers={"X-Query-Id": stream.query_id}, background=BackgroundTask(finish)
+        )
 
     return api
 
