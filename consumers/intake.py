@@ -39,7 +39,9 @@ class Intake:
             # Whatever the format: one document's records share a key (doc ids in NFC), so they
             # share a partition, whose order is the document's (`headwater.versions`).
             if record.key is not None and record.key != event.key:
-                raise EventError("Kafka key is not tenant/doc_id of the event (doc_id in NFC)")
+                raise EventError(
+                    "Kafka key does not match tenant/doc_id of the event (doc_id in NFC)"
+                )
         check_event(event, self.settings)
         return Logged(event, record.partition, record.offset)
 
