@@ -81,10 +81,10 @@ def _search(client: TestClient, q: str, token: str) -> list[str]:
 def test_a_delete_after_an_upsert_from_a_host_whose_clock_is_ahead_wins(
     hosts, monkeypatch: pytest.MonkeyPatch
 ):
-    """The measured bug: host A's clock runs 50 ms ahead; A upserts, then B deletes. Both get a
-    200; the delete was acknowledged last, so the document must be gone."""
+    """The measured bug: host A's clock runs an hour ahead; A upserts, then B deletes. Both get
+    a 200; the delete was acknowledged last, so the document must be gone."""
     real = time.time_ns
-    monkeypatch.setattr(time, "time_ns", lambda: real() + 50_000_000)
+    monkeypatch.setattr(time, "time_ns", lambda: real() + 3600 * 10**9)
     r = hosts.a.post("/v1/documents", json={"doc_id": "plan.md", "text": "# Plan\n\nlaunch day"})
     assert r.status_code == 200, r.text
     monkeypatch.setattr(time, "time_ns", real)
