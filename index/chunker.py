@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from headwater.errors import ChunkBudgetExceeded, ChunkerError
+from headwater.errors import ChunkBudgetExceeded, ChunkerError, TooManyChunks
 from index.chunk_tokens import Counter, TokenCounter, Tokenizer, token_pieces, windows
 
 # Both lookbehinds have a fixed width and `\s+` is the only repeat, so a match attempt at any
@@ -109,6 +109,9 @@ class _Clock:
                 f"budget ({time.monotonic() - self.started:.1f} s)"
             )
 
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
     def tick(self) -> None:
         self.steps += 1
         if self.steps % _TICK == 0:
@@ -125,6 +128,7 @@ def chunk_document(
     target_tokens: int = 200,
     max_tokens: int = 250,
     budget_s: float | None = None,
+    max_chunks: int | None = None,
 ) -> list[Chunk]:
     """Split a Markdown document into section-scoped chunks of at most `max_tokens` tokens.
 
@@ -132,8 +136,10 @@ def chunk_document(
     in one pass) or from a plain `count_tokens` counter (offsets are then estimated word by word).
     `tokens` of each chunk counts its `embed_text` (section path + text). Identical input gives
     identical chunks; whitespace-only input gives none. Past `budget_s` seconds of wall time,
-    ChunkBudgetExceeded is raised. Work grows with the document's size as n log n at worst
-    (linearly in tokenizer reads), whatever the text.
+    ChunkBudgetExceeded is raised; past `max_chunks` chunks, TooManyChunks, as soon as the
+    count is passed (a document of a million tiny sections costs no more than the limit). Work
+    grows with the document's size as n log n at worst (linearly in tokenizer reads), whatever
+    the text.
     """
     if (count_tokens is None) == (tokenizer is None):
         raise ChunkerError("give exactly one of count_tokens and tokenizer")
@@ -160,6 +166,11 @@ def chunk_document(
     pieces: list[tuple[str, str, int]] = []
     for section in _sections(text, clock):
         pieces.extend(_chunk_section(text, section, counter, clock, target_tokens, max_tokens))
+        if max_chunks is not None and len(pieces) > max_chunks:
+            raise TooManyChunks(
+                f"the document makes more than {max_chunks:,} chunks (stopped at {len(pieces):,} "
+                f"after {clock.elapsed():.1f} s)"
+            )
     seen: dict[tuple[str, str], int] = {}
     chunks = []
     for ordinal, (path, body, tokens) in enumerate(pieces):
@@ -650,5 +661,6 @@ __all__ = [
     "ChunkerError",
     "TokenCounter",
     "Tokenizer",
+    "TooManyChunks",
     "chunk_document",
 ]

@@ -70,8 +70,11 @@ class IndexWriter:
         self.max_tokens = max(32, embedder.max_tokens - 2)  # room for [CLS] and [SEP]
         self.target_tokens = min(settings.chunk_tokens, self.max_tokens)
 
-    def chunk(self, event: DocumentEvent, budget_s: float | None = None) -> list[Chunk]:
-        """The chunks of an upsert; ChunkBudgetExceeded past `budget_s` seconds."""
+    def chunk(
+        self, event: DocumentEvent, budget_s: float | None = None, max_chunks: int | None = None
+    ) -> list[Chunk]:
+        """The chunks of an upsert; ChunkBudgetExceeded past `budget_s`, TooManyChunks past
+        `max_chunks`."""
         return chunk_document(
             event.tenant,
             event.doc_id,
@@ -80,20 +83,17 @@ class IndexWriter:
             target_tokens=self.target_tokens,
             max_tokens=self.max_tokens,
             budget_s=budget_s,
+            max_chunks=max_chunks,
         )
 
     def _bounded_chunks(self, event: DocumentEvent) -> list[Chunk]:
         """The chunks of an event to apply, within the per-document time and count bounds."""
         if event.op != "upsert":
             return []
-        chunks = self.chunk(event, self.settings.chunk_budget_s)
-        most = self.settings.max_doc_chunks
-        if len(chunks) > most:
-            raise TooManyChunks(
-                f"the document makes {len(chunks):,} chunks, more than the limit of {most:,} "
-                "(HEADWATER_MAX_DOC_CHUNKS)"
-            )
-        return chunks
+        try:
+            return self.chunk(event, self.settings.chunk_budget_s, self.settings.max_doc_chunks)
+        except TooManyChunks as e:  # the operator's knob belongs in the reason
+            raise TooManyChunks(f"{e}; the limit is HEADWATER_MAX_DOC_CHUNKS") from None
 
     def apply(self, items: Sequence[Logged]) -> Applied:
         """Apply events (in log order per document) to the index.

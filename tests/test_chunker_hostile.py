@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from headwater.errors import ChunkBudgetExceeded, ChunkerError
+from headwater.errors import ChunkBudgetExceeded, ChunkerError, TooManyChunks
 from index import chunker
 from index.chunker import chunk_document
 
@@ -330,6 +330,17 @@ def test_budget_stops_a_slow_document_with_a_one_line_reason() -> None:
     assert isinstance(info.value, ChunkerError)
     assert "\n" not in str(info.value) and "0.2 s" in str(info.value)
     assert chunk_document("t", "d", text, tokenizer=Pieces(), budget_s=60, **LIMITS)
+
+
+def test_chunk_limit_stops_as_soon_as_it_is_passed() -> None:
+    # 200k one-line sections: the tokenizer must stop being asked long before the end.
+    tok = Pieces()
+    text = "".join(f"# s{i}\n\nx\n\n" for i in range(200_000))
+    with pytest.raises(TooManyChunks, match="more than 100 chunks") as info:
+        chunk_document("t", "d", text, tokenizer=tok, max_chunks=100, **LIMITS)
+    assert isinstance(info.value, ChunkerError) and "stopped at 101 " in str(info.value)
+    assert tok.read < len(text) // 100, tok.read
+    assert len(chunk_document("t", "d", text[:2_000], tokenizer=Pieces(), max_chunks=200, **LIMITS))
 
 
 def test_tokenizer_arguments_are_checked() -> None:

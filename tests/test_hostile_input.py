@@ -79,7 +79,7 @@ def test_too_many_chunks_is_dead_lettered_and_the_last_good_version_stays(two_te
         drain(ix)
         (letter,) = dead_letters(s)
         assert letter.stage == "chunk"
-        assert "more than the limit of 50" in letter.error and "MAX_DOC_CHUNKS" in letter.error
+        assert "more than 50 chunks" in letter.error and "MAX_DOC_CHUNKS" in letter.error
         key = doc_key("default", "manual.md")
         state = ix.store.doc_states([key])[key]
         assert not state.deleted and len(state.chunk_ids) == 1  # version one, not nothing
