@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -114,8 +114,18 @@ class Settings(BaseSettings):
         default=DEFAULT_EMBEDDER,
         description="sentence-transformers model name or path; the default ships in a package.",
     )
+    embed_backend: Literal["torch", "onnx", "openvino"] = Field(
+        default="onnx",
+        description="torch (sentence-transformers), onnx (onnxruntime) or openvino; the last "
+        "two run the model exported once into cache_dir.",
+    )
+    embed_precision: Literal["fp32", "int8"] = Field(
+        default="int8",
+        description="int8: dynamic, per-channel weights (faster; vectors differ slightly, so "
+        "int8 and fp32 have their own collections).",
+    )
     embed_batch_size: int = Field(default=64, ge=1, description="Chunks per encode call.")
-    embed_device: str = Field(default="cpu", description="torch device of the embedder.")
+    embed_device: str = Field(default="cpu", description="torch device (torch backend only).")
     chunk_tokens: int = Field(default=200, ge=16, description="Target tokens per chunk.")
     chunk_budget_s: float = Field(
         default=60.0,

@@ -40,7 +40,7 @@ from headwater.errors import StoreError
 from headwater.events import Hit
 from headwater.settings import Settings
 from headwater.versions import Stamp
-from index.embedder import model_slug
+from index.embedder import variant_id
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,8 @@ class ChunkStore:
 
         None when there are none yet; StoreError when Milvus cannot be reached.
         """
-        prefix = f"{settings.collection_prefix}_chunks_{model_slug(settings.embedder)}_"
+        model_id = variant_id(settings)
+        prefix = f"{settings.collection_prefix}_chunks_{model_id}_"
         try:
             # A dedicated connection: closing this store must not close a shared channel.
             client = MilvusClient(**settings.milvus_client_config(), timeout=timeout_s,
@@ -190,7 +191,7 @@ class ChunkStore:
         if not dims:
             client.close()
             return None
-        return cls(settings, model_slug(settings.embedder), max(dims), client)
+        return cls(settings, model_id, max(dims), client)
 
     # -- schema --------------------------------------------------------------------------------
     def _ensure(self) -> None:
