@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     )
     milvus_token: SecretStr | None = Field(default=None, description="Milvus token (user:pass).")
     milvus_port: int = Field(default=19531, description="Port of the local Milvus Lite server.")
+    milvus_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest wait for one Milvus call before it is retried (a restarted Lite "
+        "server answers only once its data is loaded).",
+    )
     collection_prefix: str = Field(default="headwater", description="Prefix of collection names.")
 
     # -- documents and tenants ---------------------------------------------------------------
