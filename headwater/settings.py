@@ -144,6 +144,12 @@ class Settings(BaseSettings):
         description="Most chunks one document may make; more is dead-lettered with the reason.",
     )
     batch_max_events: int = Field(default=500, ge=1, description="Events per indexer batch.")
+    batch_max_backlog_events: int = Field(
+        default=1000,
+        ge=1,
+        description="Events per indexer batch while the group lags: a bigger batch embeds only "
+        "the newest of more versions of one document.",
+    )
     batch_max_ms: int = Field(default=100, ge=0, description="Longest wait to fill a batch.")
     indexer_group: str = Field(default="headwater-indexer", description="Consumer group id.")
     freshness_wait_s: float = Field(default=10.0, ge=0, description="Longest wait for a token.")
