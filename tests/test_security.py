@@ -240,6 +240,9 @@ class FakeMilvus:
     def __init__(self, **kwargs: object) -> None:
         FakeMilvus.made.append(kwargs)
 
+    def get_server_version(self, timeout: float | None = None) -> str:
+        return "v2.5.0"  # a server: the store keeps the tenant partition key
+
     def has_collection(self, name: str) -> bool:
         return True
 
