@@ -504,11 +504,20 @@ class ChunkStore:
                 data=[text], anns_field="sparse", param={"metric_type": "BM25"},
                 limit=limit, expr=expr,
             )  # fmt: skip
-            res = self._call(
-                self.client.hybrid_search, self.chunks, [dense, sparse],
-                ranker=RRFRanker(60), limit=limit, output_fields=fields,
-            )  # fmt: skip
+            try:
+                res = self._call(
+                    self.client.hybrid_search, self.chunks, [dense, sparse],
+                    ranker=RRFRanker(60), limit=limit, output_fields=fields,
+                )  # fmt: skip
+            except StoreError as exc:
+                if "NaN or Inf" not in str(exc):
+                    raise
+                # milvus-lite 2.5 scores BM25 over rows that hold no term at all (only empty
+                # texts) as NaN and refuses the query; BM25 has nothing to rank there.
+                res = None
         else:
+            res = None
+        if res is None:
             res = self._call(
                 self.client.search, self.chunks, data=[list(vector)], anns_field="dense",
                 limit=limit, filter=expr, output_fields=fields,

@@ -317,3 +317,12 @@ def test_batches_grow_while_the_group_lags(settings, embedder):
         assert check_truth(ix).ok
     finally:
         ix.close()
+
+
+def test_search_answers_when_no_indexed_row_has_any_text(settings, indexer):
+    """milvus-lite 2.5 refuses a BM25 query over rows that hold no term (NaN scores): the
+    search answers from the dense side instead of failing."""
+    send(settings, [doc("pages/empty.md", 1, "")])
+    drain(indexer)
+    hits = Searcher(settings, indexer.embedder, indexer.store).search("anything", tenant="default")
+    assert all(h.doc_id == "pages/empty.md" for h in hits)
