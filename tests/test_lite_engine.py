@@ -17,7 +17,7 @@ import pytest
 from pymilvus import DataType, MilvusClient
 
 from headwater.settings import Settings
-from stack.daemon import free_port, pid_alive
+from stack.daemon import free_port, pid_alive, port_open
 from stack.litebinary import DB_FILE
 from stack.liteserver import LiteServer
 
@@ -97,6 +97,9 @@ def test_kill_9_frees_the_data_dir_and_keeps_acknowledged_writes(tmp_path):
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not pid_alive(pid)
+    # The kernel closes the dead server's socket as it reaps it (slow on a loaded machine).
+    while port_open("127.0.0.1", s.milvus_port) and time.monotonic() < deadline:
+        time.sleep(0.1)
     lite.start()  # the locks died with the server
     client = MilvusClient(uri=s.milvus_address, dedicated=True)
     try:
