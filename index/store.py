@@ -580,7 +580,7 @@ class ChunkStore:
         keep = [k for st in states for k in page_keys(st.key, st.stamp, st.pages)]
         expr = _in("doc_key", [st.key for st in states])
         if keep:
-            expr += f" and not ({_in('page_key', keep)})"
+            expr += f" and {_in('page_key', keep, negate=True)}"
         self._call(self.client.delete, self.lists, filter=expr)
 
     def remove_stale_chunks(self, keys: Sequence[str], keep: Sequence[str]) -> None:
