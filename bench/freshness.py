@@ -8,6 +8,10 @@ its document's live version reaches the event's (search reads through that state
 moment a search returns the new text), a delete once the tombstone is there. Every Nth upsert
 (when no other sample is pending) is also confirmed by a real search for its page's summary
 line, timed the same way.
+
+With `lora` > 0, a LoRA refresh on that many new examples (the lora benchmark's job, in its own
+process as the scheduler runs it) starts with the timed replay, so freshness is measured while
+training competes for the cores.
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ VISIBLE_TIMEOUT_S = 120.0
 
 def params(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"events": 150, "rate": 5.0, "sample_every": 10, "snapshot": "touched"}
-    return {"events": None, "rate": 20.0, "sample_every": 25, "snapshot": "all"}
+        return {"events": 150, "rate": 5.0, "sample_every": 10, "snapshot": "touched", "lora": 0}
+    return {"events": None, "rate": 20.0, "sample_every": 25, "snapshot": "all", "lora": 0}
 
 
 @dataclass
@@ -62,7 +66,7 @@ class _Pending:
 
 def run(
     ctx: BenchContext, *, events: int | None, rate: float, sample_every: int,
-    snapshot: str = "all",
+    snapshot: str = "all", lora: int = 0,
 ) -> dict:  # fmt: skip
     from consumers.indexer import Indexer
     from index.embedder import load_embedder
@@ -95,10 +99,12 @@ def run(
                 snapshot_s = time.monotonic() - t0
                 embedder.use_memo = False  # from here on every chunk is embedded for real
                 before = ix.stats.embedded
+                training = _Training(s, lora) if lora else None
                 timed = _replay_timed(s, pub, history, rate, sample_every, to_event, doc_key,
                                       ChunkStore, Searcher, load_embedder, embedder,
                                       worker)  # fmt: skip
                 embedded = ix.stats.embedded - before
+                trained = training.result() if training else None
         finally:
             stop.set()
             worker.join(timeout=120)
@@ -134,10 +140,42 @@ def run(
         "chunks_per_event": round(embedded / max(1, len(pending)), 3),
         "batch_max_ms": ctx.settings.batch_max_ms,
         "batch_max_events": ctx.settings.batch_max_events,
+        "embedder": getattr(embedder, "variant", None),
+        "coalesced": ix.stats.coalesced,
+        "indexer_batches": ix.stats.batches,
+        "lora_during_replay": trained,
     }
     write_result(ctx, NAME, figures, started)
     _plot(ctx, lat, searches, figures)
     return figures
+
+
+class _Training:
+    """A LoRA refresh running next to the replay: started now, joined with `result`."""
+
+    def __init__(self, s: Any, n: int) -> None:
+        from bench import lora
+
+        pool = lora.examples(n + 24)
+        held, buffer, new = pool[:4], pool[4:24], pool[24:]
+        self.started = time.monotonic()
+        self.out: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                self.out = lora.refresh(s, "v0001-fresh", new, buffer, held, [])
+            except Exception as exc:  # reported in the figures, not fatal to the replay
+                self.out = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            self.out["finished_after_s"] = round(time.monotonic() - self.started, 1)
+
+        self.thread = threading.Thread(target=run, name="bench-lora", daemon=True)
+        self.thread.start()
+
+    def result(self) -> dict[str, Any]:
+        """The run's figures, with the replay's length to compare its duration with."""
+        replay_s = time.monotonic() - self.started
+        self.thread.join()
+        return self.out | {"replay_s": round(replay_s, 1)}
 
 
 def _replay_timed(

@@ -1,17 +1,20 @@
-"""Bulk ingest: chunks/s through the whole pipeline against bare `SentenceTransformer.encode`.
+"""Bulk ingest: chunks/s through the whole pipeline against the bare encode of the same embedder.
 
 The tldr snapshot goes through in rounds. In each, the round's pages are published
 (acknowledged, not timed), then an indexer that already owns its partitions is timed from its
-first poll until it has applied them, and the bare embedder encodes exactly the chunk texts of
-those pages with the same batch size, right before or right after (alternating), so a load
-change on the shared machine hits both sides alike. Batch sizes, one torch thread and an int8
-(dynamically quantised) model are compared on a sample, with dense recall@5 on page-summary
-queries, so speed is never bought with quality.
+first poll until it has applied them, and the bare embedder (the configured backend and
+precision) encodes exactly the chunk texts of those pages, right before or right after
+(alternating), so a load change on the shared machine hits both sides alike.
+
+Every embedder variant (torch / onnx / openvino × fp32 / int8, and onnx int8 with one intra-op
+thread, alone or as two concurrent streams) is then compared on a sample of whole pages: the
+sample goes through in slices, each slice through every variant back to back in rotated order,
+so the ratios hold on a loaded machine. Each variant's dense recall@5 on page-summary queries
+and mean cosine to torch fp32's vectors show that speed is never bought with quality.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from typing import Any
@@ -38,13 +41,14 @@ K = 5
 
 def params(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"docs": 160, "sample": 40, "recall_queries": 40, "rounds": 2}
-    return {"docs": None, "sample": 512, "recall_queries": 300, "rounds": 6}
+        return {"docs": 160, "sample": 40, "recall_queries": 40, "rounds": 2, "variants": "two"}
+    return {"docs": None, "sample": 512, "recall_queries": 300, "rounds": 6, "variants": "all"}
 
 
 def run(
-    ctx: BenchContext, *, docs: int | None, sample: int, recall_queries: int, rounds: int = 2
-) -> dict[str, Any]:
+    ctx: BenchContext, *, docs: int | None, sample: int, recall_queries: int, rounds: int = 2,
+    variants: str = "two",
+) -> dict[str, Any]:  # fmt: skip
     from consumers.indexer import Indexer
     from index.search import Searcher
     from producers.corpus import replay, to_event
@@ -55,14 +59,10 @@ def run(
     records = snapshot[:docs] if docs else snapshot
     embedder = ctx.embedder()
     bs = embedder.batch_size
-    st = embedder.model
 
     def bare(texts: list[str]) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
-        v = st.encode(
-            texts, batch_size=bs, normalize_embeddings=True, convert_to_numpy=True,
-            show_progress_bar=False,
-        )  # fmt: skip
+        v = embedder.encode(texts)
         return v, time.perf_counter() - t0
 
     with scoped(ctx.settings, NAME) as s:
@@ -144,9 +144,10 @@ def run(
 
     pipeline_cps = chunks / pipeline_s
     bare_cps = bare_chunks / bare_s
-    variants = _variants(embedder, records, sample)
+    compared = _variants(ctx, embedder, records, sample, every=variants == "all")
     figures = {
         "corpus": "tldr snapshot",
+        "embedder": embedder.variant,
         "docs": len(records),
         "chunks": chunks,
         "bare_chunks": bare_chunks,
@@ -174,7 +175,7 @@ def run(
         "embed_calls": counting.calls,
         f"pipeline_recall_at_{K}": pipeline_recall,
         "recall_queries": len(queries),
-        "variants": variants,
+        "variants": compared,
     }
     write_result(ctx, NAME, figures, started)
     return figures
@@ -195,15 +196,33 @@ def _queries(records: list[Any], n: int) -> list[tuple[str, str]]:
     return found[::step][:n]
 
 
-def _variants(embedder: Any, records: list[Any], sample: int) -> dict[str, Any]:
-    """Bare throughput per batch size and for an int8 model, with dense recall@K of each.
+VARIANTS = (
+    ("torch", "fp32", 0, 1),
+    ("torch", "int8", 0, 1),
+    ("onnx", "fp32", 0, 1),
+    ("onnx", "int8", 0, 1),
+    ("onnx", "int8", 1, 1),
+    ("onnx", "int8", 1, 2),
+    ("openvino", "fp32", 0, 1),
+    ("openvino", "int8", 0, 1),
+)  # (backend, precision, intra-op threads (0: the backend's default), concurrent streams)
+SLICE = 64  # one slice = one indexer embed call at the default batch size
+
+
+def _variants(
+    ctx: BenchContext, embedder: Any, records: list[Any], sample: int, *, every: bool = True
+) -> dict[str, Any]:
+    """Bare throughput and quality of every embedder variant on one sample, side by side.
+
+    Without `every` (quick runs), only torch fp32 and the configured variant.
 
     The sample is whole pages (all their chunks), so each page's description query has its
     page among the candidates.
     """
-    import torch
+    from concurrent.futures import ThreadPoolExecutor
 
     from index.chunker import chunk_document
+    from index.embedder import Embedder
 
     pages: list[tuple[str, str]] = []  # (doc_id, embed_text)
     queries: list[tuple[str, str]] = []
@@ -220,54 +239,65 @@ def _variants(embedder: Any, records: list[Any], sample: int) -> dict[str, Any]:
             queries.append((r.doc_id, d))
     texts = [t for _, t in pages]
     owners = np.array([d for d, _ in pages])
+    s = ctx.settings
 
-    reference: list[np.ndarray] = []
+    models: dict[str, tuple[Embedder, int]] = {}
+    out: dict[str, Any] = {"sample_chunks": len(texts), "sample_queries": len(queries)}
+    configured = (s.embed_backend, s.embed_precision, 0, 1)
+    for backend, precision, threads, streams in VARIANTS:
+        if not every and (backend, precision, threads, streams) not in (VARIANTS[0], configured):
+            continue
+        key = f"{backend}_{precision}" + (f"_{threads}thread" if threads else "")
+        key += f"_x{streams}" if streams > 1 else ""
+        try:
+            loaded = Embedder(
+                s.embedder, backend=backend, precision=precision, batch_size=s.embed_batch_size,
+                cache_dir=s.cache_dir, threads=threads,
+            )  # fmt: skip
+            loaded.encode(texts[:8])  # warm-up (first calls allocate); not counted
+            models[key] = (loaded, streams)
+        except Exception as exc:  # e.g. openvino not installed
+            out[key] = {"error": f"{type(exc).__name__}: {exc}"}
 
-    def measure(model: Any, batch_size: int) -> dict[str, Any]:
-        model.encode(texts[:8], batch_size=batch_size, show_progress_bar=False)  # warm-up
-        t0 = time.perf_counter()
-        v = model.encode(
-            texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-            show_progress_bar=False,
-        )  # fmt: skip
-        cps = len(texts) / (time.perf_counter() - t0)
-        q = model.encode(
-            [x for _, x in queries], normalize_embeddings=True, convert_to_numpy=True,
-            show_progress_bar=False,
-        )  # fmt: skip
+    def encode(model: Embedder, streams: int, part: list[str]) -> np.ndarray:
+        if streams == 1:
+            return model.encode(part)
+        # Concurrent calls on one session: onnxruntime runs them side by side.
+        halves = [part[i::streams] for i in range(streams)]
+        with ThreadPoolExecutor(streams) as pool:
+            done = list(pool.map(model.encode, halves))
+        v = np.zeros((len(part), model.dim), dtype=np.float32)
+        for i, h in enumerate(done):
+            v[i::streams] = h
+        return v
+
+    seconds = dict.fromkeys(models, 0.0)
+    vectors: dict[str, list[np.ndarray]] = {k: [] for k in models}
+    keys = list(models)
+    for n, lo in enumerate(range(0, len(texts), SLICE)):
+        part = texts[lo : lo + SLICE]
+        for key in keys[n % len(keys) :] + keys[: n % len(keys)]:  # rotated order
+            model, streams = models[key]
+            t0 = time.perf_counter()
+            vectors[key].append(encode(model, streams, part))
+            seconds[key] += time.perf_counter() - t0
+    reference = np.concatenate(vectors["torch_fp32"]) if "torch_fp32" in vectors else None
+    base_cps = None
+    for key, (model, _) in models.items():
+        v = np.concatenate(vectors[key])
+        q = model.encode([x for _, x in queries])
         top = np.argsort(-(q @ v.T), axis=1)[:, :K]
         hits = [d in set(owners[row]) for (d, _), row in zip(queries, top, strict=True)]
-        recall = float(np.mean(hits)) if hits else float("nan")
-        if not reference:
-            reference.append(v)
-        # How far a variant's vectors are from fp32's: 1.0 means the same index.
-        cos = float(np.mean(np.sum(v * reference[0], axis=1)))
-        return {"cps": round(cps, 2), f"dense_recall_at_{K}": round(recall, 3),
-                "cos_to_fp32": round(cos, 4)}  # fmt: skip
-
-    st = embedder.model
-    out: dict[str, Any] = {"sample_chunks": len(texts), "sample_queries": len(queries)}
-    for bs in (32, 64, 128):
-        out[f"fp32_bs{bs}"] = measure(st, bs)
-    threads = torch.get_num_threads()
-    if threads > 1:
-        # On a shared machine fewer OpenMP threads than cores can be faster: see query.json.
-        torch.set_num_threads(1)
-        try:
-            out["fp32_bs64_1thread"] = measure(st, 64)
-        finally:
-            torch.set_num_threads(threads)
-    try:
-        q8 = torch.ao.quantization.quantize_dynamic(
-            copy.deepcopy(st), {torch.nn.Linear}, dtype=torch.qint8
-        )
-        out["int8_bs64"] = measure(q8, 64)
-    except Exception as exc:  # no quantised kernels on this CPU/torch build
-        out["int8_bs64"] = {"error": f"{type(exc).__name__}: {exc}"}
-    try:
-        import onnxruntime  # noqa: F401
-
-        out["onnx"] = "onnxruntime installed but not measured"
-    except ImportError:
-        out["onnx"] = "not measured: onnxruntime/optimum are not installed"
+        cps = len(texts) / seconds[key]
+        base_cps = base_cps or (cps if key == "torch_fp32" else None)
+        out[key] = {
+            "cps": round(cps, 2),
+            f"dense_recall_at_{K}": round(float(np.mean(hits)), 3) if hits else None,
+            # How far a variant's vectors are from torch fp32's: 1.0 means the same index.
+            "cos_to_fp32": (
+                round(float(np.mean(np.sum(v * reference, axis=1))), 4)
+                if reference is not None else None
+            ),
+            "x_torch_fp32": round(cps / base_cps, 2) if base_cps else None,
+        }  # fmt: skip
     return out

@@ -64,10 +64,6 @@ def run(
     ctx: BenchContext, *, sizes: list[int], replay: int, heldout: int, docs: int,
     steps: int | None, gate_tokens: int | None,
 ) -> dict[str, Any]:  # fmt: skip
-    from trainer.dataset import plan_steps
-    from trainer.run import JobSpec, launch, read_result
-    from trainer.style import StyleProfile
-
     started = time.monotonic()
     pool = examples(max(sizes) + replay + heldout)
     held, rest = pool[:heldout], pool[heldout:]
@@ -78,65 +74,11 @@ def run(
     with scoped(ctx.settings, NAME) as s:
         adapters: list[tuple[str, Path]] = []
         for n in sizes:
-            new = fresh[:n]
-            profile = StyleProfile.learn((e.response, e.weight) for e in buffer + new)
-            n_steps = steps or plan_steps(s, len(new) + len(buffer) + len(doc_texts))
             version = f"v{len(adapters) + 1:04d}-bench"
-            job_dir = s.data_dir / "jobs" / version
-            job_dir.mkdir(parents=True, exist_ok=True)
-            job = JobSpec(
-                version=version,
-                out_dir=str(s.data_dir / "adapters" / version),
-                base_model=s.train_base_model,
-                cache_dir=str(s.cache_dir),
-                new=new,
-                replay=buffer,
-                heldout=held,
-                docs=doc_texts,
-                profile=profile.to_dict(),
-                steps=n_steps,
-                batch_size=s.train_batch_size,
-                learning_rate=s.train_learning_rate,
-                lora_r=s.train_lora_r,
-                max_seq_tokens=s.train_max_seq_tokens,
-                gate_max_new_tokens=gate_tokens or s.gate_max_new_tokens,
-                dtype=s.train_dtype,
-                seed=s.train_seed,
-                threads=s.train_threads,
-                trigger="bench",
-            )
-            (job_dir / "job.json").write_text(job.model_dump_json())
-            peak = _PeakRss()
-            outcome = launch(job_dir, s.train_timeout_s, on_start=peak.watch)
-            peak.stop()
-            result = read_result(job_dir) or {}
-            if result.get("status") != "trained":
-                log.warning("lora run with %d examples failed: %s", n, result.get("error"))
-            runs.append(
-                {
-                    "new_examples": len(new),
-                    "replay_examples": len(buffer),
-                    "doc_texts": len(doc_texts),
-                    "heldout": len(held),
-                    "steps": n_steps,
-                    "status": result.get("status", f"exit {outcome.returncode}"),
-                    "error": result.get("error"),
-                    "seconds": round(outcome.seconds, 1),
-                    "train_seconds": result.get("train_seconds"),
-                    "seconds_per_step": round(result["train_seconds"] / n_steps, 2)
-                    if result.get("train_seconds")
-                    else None,
-                    "peak_rss_mib": round(peak.peak / 2**20),
-                    "final_loss": result.get("final_loss"),
-                    "heldout_loss": [
-                        (result.get("before") or {}).get("loss"),
-                        (result.get("after") or {}).get("loss"),
-                    ],
-                }
-            )
+            runs.append(refresh(s, version, fresh[:n], buffer, held, doc_texts, steps, gate_tokens))
             log.info("lora: %s", runs[-1])
-            if result.get("status") == "trained":
-                adapters.append((version, Path(job.out_dir)))
+            if runs[-1]["status"] == "trained":
+                adapters.append((version, s.data_dir / "adapters" / version))
         swaps = _swaps(s, adapters)
     figures = {
         "base_model": ctx.settings.train_base_model,
@@ -152,6 +94,69 @@ def run(
     if len(runs) > 1:
         _plot(ctx, runs)
     return figures
+
+
+def refresh(
+    s: Any, version: str, new: list[Any], buffer: list[Any], held: list[Any],
+    doc_texts: list[str], steps: int | None = None, gate_tokens: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One training run as the scheduler builds it, in its own process; its figures."""
+    from trainer.dataset import plan_steps
+    from trainer.run import JobSpec, launch, read_result
+    from trainer.style import StyleProfile
+
+    profile = StyleProfile.learn((e.response, e.weight) for e in buffer + new)
+    n_steps = steps or plan_steps(s, len(new) + len(buffer) + len(doc_texts))
+    job_dir = s.data_dir / "jobs" / version
+    job_dir.mkdir(parents=True, exist_ok=True)
+    job = JobSpec(
+        version=version,
+        out_dir=str(s.data_dir / "adapters" / version),
+        base_model=s.train_base_model,
+        cache_dir=str(s.cache_dir),
+        new=new,
+        replay=buffer,
+        heldout=held,
+        docs=doc_texts,
+        profile=profile.to_dict(),
+        steps=n_steps,
+        batch_size=s.train_batch_size,
+        learning_rate=s.train_learning_rate,
+        lora_r=s.train_lora_r,
+        max_seq_tokens=s.train_max_seq_tokens,
+        gate_max_new_tokens=gate_tokens or s.gate_max_new_tokens,
+        dtype=s.train_dtype,
+        seed=s.train_seed,
+        threads=s.train_threads,
+        trigger="bench",
+    )
+    (job_dir / "job.json").write_text(job.model_dump_json())
+    peak = _PeakRss()
+    outcome = launch(job_dir, s.train_timeout_s, on_start=peak.watch)
+    peak.stop()
+    result = read_result(job_dir) or {}
+    if result.get("status") != "trained":
+        log.warning("lora run with %d examples failed: %s", len(new), result.get("error"))
+    return {
+        "new_examples": len(new),
+        "replay_examples": len(buffer),
+        "doc_texts": len(doc_texts),
+        "heldout": len(held),
+        "steps": n_steps,
+        "status": result.get("status", f"exit {outcome.returncode}"),
+        "error": result.get("error"),
+        "seconds": round(outcome.seconds, 1),
+        "train_seconds": result.get("train_seconds"),
+        "seconds_per_step": round(result["train_seconds"] / n_steps, 2)
+        if result.get("train_seconds")
+        else None,
+        "peak_rss_mib": round(peak.peak / 2**20),
+        "final_loss": result.get("final_loss"),
+        "heldout_loss": [
+            (result.get("before") or {}).get("loss"),
+            (result.get("after") or {}).get("loss"),
+        ],
+    }
 
 
 class _PeakRss:

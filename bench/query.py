@@ -8,14 +8,28 @@ the same rows under other tenant and document ids, so vectors stay real while th
 written straight through `ChunkStore`, then flushed so Milvus searches sealed, indexed segments.
 Queries are tldr page summary lines. The first-token latency of a streamed answer (search,
 prompt, SmolLM2 prefill to the first text piece) is measured when the generator is available.
+
+Dense recall@10 compares the engine's dense top-10 with exact cosine search (numpy) over the
+queried tenant's vectors; a hit tied with the exact 10th score counts (copied rows tie). The
+Milvus server's resident memory is read after each size. With `compare_python` (a Python
+whose environment has another milvus-lite, e.g. 3.2), a second Lite server from it gets the
+same rows and every query runs on both engines back to back, order alternating.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import shutil
+import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bench.common import (
     BenchContext,
@@ -33,38 +47,50 @@ NAME = "query"
 TENANT_CHUNKS = 10_000
 WRITE_BATCH = 2_000
 K = 5
+RECALL_K = 10
 
 
 def params(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"sizes": [10_000], "queries": 60, "first_token": 2, "real_chunks": 400}
+        return {"sizes": [10_000], "queries": 60, "first_token": 2, "real_chunks": 400,
+                "compare_python": None}  # fmt: skip
     return {"sizes": [10_000, 30_000, 100_000], "queries": 300, "first_token": 8,
-            "real_chunks": TENANT_CHUNKS}  # fmt: skip
+            "real_chunks": TENANT_CHUNKS, "compare_python": None}  # fmt: skip
 
 
 def run(
-    ctx: BenchContext, *, sizes: list[int], queries: int, first_token: int, real_chunks: int
-) -> dict[str, Any]:
+    ctx: BenchContext, *, sizes: list[int], queries: int, first_token: int, real_chunks: int,
+    compare_python: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
     from index.search import Searcher
     from index.store import ChunkStore
 
     started = time.monotonic()
     embedder = ctx.embedder()
     base, qs = _real_chunks(ctx, embedder, real_chunks, queries)
-    with scoped(ctx.settings, NAME) as s:
+    with scoped(ctx.settings, NAME) as s, _other_engine(s, compare_python) as other:
         store = ChunkStore(s, embedder.model_id, embedder.dim)
-        searcher = Searcher(s, embedder, store)
+        engines = {"headwater": (Searcher(s, embedder, store), store, _server_pid(ctx.settings))}
+        if other is not None:
+            o_settings, o_pid, o_name = other
+            o_store = ChunkStore(o_settings, embedder.model_id, embedder.dim)
+            engines[o_name] = (Searcher(o_settings, embedder, o_store), o_store, o_pid)
+        searcher = engines["headwater"][0]
         per_size: dict[str, Any] = {}
         written = 0
-        docs: dict[str, tuple[str, ...]] = {}
+        docs: dict[str, dict[str, tuple[str, ...]]] = {n: {} for n in engines}
         for size in sorted(sizes):
             t0 = time.monotonic()
-            written = _grow(store, base, docs, written, size)
-            store.client.flush(store.chunks)
-            store.client.flush(store.docs)
+            for name, (_, st, _) in engines.items():
+                _grow(st, base, docs[name], written, size)
+                st.client.flush(st.chunks)
+                st.client.flush(st.docs)
+            written = size
             load_s = time.monotonic() - t0
-            per_size[str(size)] = _measure(searcher, embedder, store, qs) | {
+            measured = _measure(engines, embedder, base, qs)
+            per_size[str(size)] = measured["headwater"] | {
                 "write_s": round(load_s, 1), "chunks": store.count_chunks(),
+                "engines": {n: m for n, m in measured.items() if n != "headwater"},
             }  # fmt: skip
             log.info("query latency at %d chunks: %s", size, per_size[str(size)])
         ft = _first_token(s, searcher, qs, first_token) if first_token else None
@@ -78,8 +104,10 @@ def run(
         "p50_ms": top["p50_ms"],
         "p95_ms": top["p95_ms"],
         "p99_ms": top["p99_ms"],
-        "one_thread_p50_ms": top["one_thread"]["p50_ms"],
-        "one_thread_p99_ms": top["one_thread"]["p99_ms"],
+        "dense_recall_at_10": top["dense_recall_at_10"],
+        "server_rss_mib": top["server_rss_mib"],
+        "embedder": embedder.variant,
+        "engine": _engine_name(store),
         "sizes": per_size,
         "first_token": ft,
     }
@@ -118,6 +146,20 @@ def _real_chunks(
     return rows, qs
 
 
+def _row(base: list[dict[str, Any]], i: int) -> tuple[str, str, dict[str, Any], str]:
+    """(tenant, doc_id, source row, chunk_id) of row number `i` of the grown index."""
+    tenant_no, j = divmod(i, TENANT_CHUNKS)
+    copy, b = divmod(j, len(base))
+    src = base[b]
+    tenant = "default" if tenant_no == 0 else f"synth{tenant_no:03d}"
+    doc_id = src["doc_id"] if copy == 0 else f"copy{copy:03d}/{src['doc_id']}"
+    chunk_id = src["chunk"].chunk_id
+    if tenant_no or copy:
+        chunk_id = hashlib.sha256(f"{tenant}\x00{doc_id}\x00{chunk_id}".encode()).hexdigest()
+        chunk_id = chunk_id[:32]
+    return tenant, doc_id, src, chunk_id
+
+
 def _grow(
     store: Any, base: list[dict[str, Any]], docs: dict[str, tuple[str, ...]], written: int,
     size: int,
@@ -138,17 +180,9 @@ def _grow(
         states.clear()
 
     for i in range(written, size):
-        tenant_no, j = divmod(i, TENANT_CHUNKS)
-        copy, b = divmod(j, len(base))
-        src = base[b]
-        tenant = "default" if tenant_no == 0 else f"synth{tenant_no:03d}"
-        doc_id = src["doc_id"] if copy == 0 else f"copy{copy:03d}/{src['doc_id']}"
+        tenant, doc_id, src, chunk_id = _row(base, i)
         key = doc_key(tenant, doc_id)
         chunk = src["chunk"]
-        chunk_id = chunk.chunk_id
-        if tenant_no or copy:
-            chunk_id = hashlib.sha256(f"{tenant}\x00{doc_id}\x00{chunk_id}".encode()).hexdigest()
-            chunk_id = chunk_id[:32]
         rows.append(
             ChunkRow(chunk_id, tenant, key, doc_id, 1, chunk.section, chunk.text, src["vector"])
         )
@@ -160,74 +194,153 @@ def _grow(
     return size
 
 
-def _measure(searcher: Any, embedder: Any, store: Any, qs: list[str]) -> dict[str, Any]:
-    """Latency as configured, and with one torch thread, query by query in alternation.
+def _measure(
+    engines: dict[str, tuple[Any, Any, int | None]], embedder: Any, base: list[dict[str, Any]],
+    qs: list[str],
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Latency, dense recall@10 and server memory of each engine, query by query in alternation.
 
-    On a 2-core machine shared with other work, two OpenMP threads for a one-sentence query
-    spend most of their time waiting for each other; alternating the two settings query by
-    query exposes both to the same load.
+    On a 2-core machine shared with other work, alternating the engines query by query exposes
+    them to the same load.
     """
-    import torch
-
-    configured = torch.get_num_threads()
+    rows = [_row(base, i) for i in range(TENANT_CHUNKS)]
+    position = {chunk_id: n for n, (_, _, _, chunk_id) in enumerate(rows)}
+    matrix = np.stack([src["vector"] for _, _, src, _ in rows]).astype(np.float32)
+    names = list(engines)
     for q in qs[:5]:  # warm-up: first calls build caches on both sides
-        searcher.search(q, tenant="default", k=K)
-    total: list[float] = []
-    single: list[float] = []
-    embed, hybrid, states = [], [], []
-    empty = 0
-    try:
-        for q in qs:
-            torch.set_num_threads(configured)
-            t0 = time.perf_counter()
-            hits = searcher.search(q, tenant="default", k=K)
-            total.append((time.perf_counter() - t0) * 1000)
-            empty += not hits
-            torch.set_num_threads(1)
-            t0 = time.perf_counter()
+        for searcher, _, _ in engines.values():
             searcher.search(q, tenant="default", k=K)
-            single.append((time.perf_counter() - t0) * 1000)
-        torch.set_num_threads(configured)
-        # The same queries again, one step at a time, to show where the time goes.
-        for q in qs:
+    total: dict[str, list[float]] = {n: [] for n in names}
+    empty = dict.fromkeys(names, 0)
+    for i, q in enumerate(qs):
+        for n in names if i % 2 == 0 else names[::-1]:
             t0 = time.perf_counter()
-            v = embedder.encode([q])[0]
+            hits = engines[n][0].search(q, tenant="default", k=K)
+            total[n].append((time.perf_counter() - t0) * 1000)
+            empty[n] += not hits
+    # The same queries again, one step at a time, to show where the time goes; and recall.
+    embed: list[float] = []
+    hybrid: dict[str, list[float]] = {n: [] for n in names}
+    states: dict[str, list[float]] = {n: [] for n in names}
+    recall: dict[str, list[float]] = {n: [] for n in names}
+    for i, q in enumerate(qs):
+        t0 = time.perf_counter()
+        v = embedder.encode([q])[0]
+        embed.append((time.perf_counter() - t0) * 1000)
+        exact = matrix @ v
+        kth = float(np.partition(exact, -RECALL_K)[-RECALL_K])
+        for n in names if i % 2 == 0 else names[::-1]:
+            searcher, store, _ = engines[n]
             t1 = time.perf_counter()
             raw = store.search(v, q, tenant="default", limit=max(4 * K, 20))
             t2 = time.perf_counter()
             searcher.live(raw, "default")
             t3 = time.perf_counter()
-            embed.append((t1 - t0) * 1000)
-            hybrid.append((t2 - t1) * 1000)
-            states.append((t3 - t2) * 1000)
-    finally:
-        torch.set_num_threads(configured)
-    p = percentiles(total)
-    p1 = percentiles(single)
+            hybrid[n].append((t2 - t1) * 1000)
+            states[n].append((t3 - t2) * 1000)
+            dense = store.search(v, "", tenant="default", limit=RECALL_K)
+            # A hit as close as the exact 10th counts: copied rows have equal vectors.
+            good = sum(
+                1 for h in dense[:RECALL_K]
+                if h.chunk_id in position and exact[position[h.chunk_id]] >= kth - 1e-4
+            )  # fmt: skip
+            recall[n].append(good / RECALL_K)
 
-    def steps(q: int) -> dict[str, float]:
-        return {
-            "embed_query": round(percentiles(embed)[f"p{q}"], 2),
-            "hybrid_search": round(percentiles(hybrid)[f"p{q}"], 2),
-            "live_filter": round(percentiles(states)[f"p{q}"], 2),
+    out: dict[str, dict[str, Any]] = {}
+    for n in names:
+        p = percentiles(total[n])
+
+        def steps(q: int, n: str = n) -> dict[str, float]:
+            return {
+                "embed_query": round(percentiles(embed)[f"p{q}"], 2),
+                "hybrid_search": round(percentiles(hybrid[n])[f"p{q}"], 2),
+                "live_filter": round(percentiles(states[n])[f"p{q}"], 2),
+            }
+
+        out[n] = {
+            "engine": _engine_name(engines[n][1]),
+            "p50_ms": round(p["p50"], 2),
+            "p95_ms": round(p["p95"], 2),
+            "p99_ms": round(p["p99"], 2),
+            "max_ms": round(p["max"], 2),
+            "mean_ms": round(p["mean"], 2),
+            "dense_recall_at_10": round(float(np.mean(recall[n])), 4),
+            "server_rss_mib": _rss_mib(engines[n][2]),
+            "empty_results": empty[n],
+            "steps_p50_ms": steps(50),
+            "steps_p99_ms": steps(99),
         }
+    return out
 
-    return {
-        "torch_threads": configured,
-        "p50_ms": round(p["p50"], 2),
-        "p95_ms": round(p["p95"], 2),
-        "p99_ms": round(p["p99"], 2),
-        "max_ms": round(p["max"], 2),
-        "mean_ms": round(p["mean"], 2),
-        "one_thread": {
-            "p50_ms": round(p1["p50"], 2),
-            "p95_ms": round(p1["p95"], 2),
-            "p99_ms": round(p1["p99"], 2),
-        },
-        "empty_results": empty,
-        "steps_p50_ms": steps(50),
-        "steps_p99_ms": steps(99),
-    }
+
+def _engine_name(store: Any) -> str:
+    version = store.engine.version
+    return f"milvus {version}" if version else "milvus-lite " + _lite_version()
+
+
+def _lite_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("milvus-lite")
+    except PackageNotFoundError:
+        return "?"
+
+
+def _server_pid(s: Any) -> int | None:
+    from stack.liteserver import LiteServer
+
+    return LiteServer(s).daemon.pid() if s.uses_local_milvus else None
+
+
+def _rss_mib(pid: int | None) -> int | None:
+    """Resident memory of the Milvus server (and its children), MiB; None if not local."""
+    import psutil
+
+    if pid is None:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in (proc, *proc.children(recursive=True))) >> 20
+    except psutil.Error:
+        return None
+
+
+@contextlib.contextmanager
+def _other_engine(s: Any, python: str | None) -> Iterator[tuple[Any, int, str] | None]:
+    """A Lite server from another environment's milvus-lite (`python -m milvus_lite server`)."""
+    if not python:
+        yield None
+        return
+    from stack.daemon import free_port, port_open
+    from stack.liteserver import answers
+
+    version = subprocess.run(
+        [python, "-c", "import importlib.metadata as m; print(m.version('milvus-lite'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    port = free_port()
+    home = Path(tempfile.mkdtemp(prefix="headwater-bench-other-"))
+    argv = [python, "-m", "milvus_lite", "server", "--data-dir", str(home), "--host",
+            "127.0.0.1", "--port", str(port)]  # fmt: skip
+    log_file = (home / "server.log").open("wb")
+    proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not (port_open("127.0.0.1", port) and answers(address)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"milvus-lite {version} server did not start: see {home}")
+            time.sleep(0.5)
+        yield s.model_copy(update={"milvus_uri": address}), proc.pid, f"milvus-lite {version}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log_file.close()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _first_token(s: Any, searcher: Any, qs: list[str], n: int) -> dict[str, Any]:
@@ -278,15 +391,14 @@ def _plot(ctx: BenchContext, per_size: dict[str, Any]) -> None:
     sizes = sorted(per_size, key=int)
     xs = [int(x) for x in sizes]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    threads = per_size[sizes[0]]["torch_threads"]
     for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
-        ax.plot(
-            xs, [per_size[x][key] for x in sizes], marker="o", label=f"{label}, {threads} threads"
-        )
-        ax.plot(xs, [per_size[x]["one_thread"][key] for x in sizes], marker="s", ls=":",
-                label=f"{label}, 1 thread")  # fmt: skip
+        ax.plot(xs, [per_size[x][key] for x in sizes], marker="o", label=f"{label}, headwater")
+        for other in per_size[sizes[0]].get("engines") or {}:
+            ax.plot(xs, [per_size[x]["engines"][other][key] for x in sizes], marker="s",
+                    ls=":", label=f"{label}, {other}")  # fmt: skip
     ax.axhline(30, color="grey", ls="--", lw=1, label="target p99 = 30 ms")
     ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("chunks in the index (queried tenant: 10k)")
     ax.set_ylabel("Searcher.search latency, ms")
     ax.set_title("Query latency vs index size (embed + hybrid search + live filter)")

@@ -135,7 +135,8 @@ def _summary(name: str, d: dict[str, Any]) -> list[str]:
         )
         return [
             f"| ingest ≥ 0.9 × bare | **{_num(d['pipeline_cps'])} chunks/s** through Kafka → "
-            f"indexer → Milvus ({d['chunks']:,} chunks) | bare `encode`: {_num(d['bare_cps'])} "
+            f"indexer → Milvus ({d['chunks']:,} chunks) | bare `encode` of the same embedder "
+            f"({d.get('embedder', 'torch/fp32')}): {_num(d['bare_cps'])} "
             f"chunks/s → ratio **{_num(d['ratio'])}**{spread}{share} | {_ok(d['ratio'] >= 0.9)} |"
         ]
     if name == "incremental":
@@ -147,12 +148,17 @@ def _summary(name: str, d: dict[str, Any]) -> list[str]:
         ]
     if name == "query":
         at_100k = d["chunks"] >= 100_000
-        met = (d["p99_ms"] <= 30.0) if at_100k else None
+        met = (
+            (d["p99_ms"] <= 30.0 and (d.get("dense_recall_at_10") or 0) >= 0.98)
+            if at_100k
+            else None
+        )
         return [
-            f"| query p99 ≤ 30 ms at 100k | p99 **{_num(d['p99_ms'])} ms** (p50 "
-            f"{_num(d['p50_ms'])}) at {d['chunks']:,} chunks | same queries with 1 torch thread:"
-            f" p99 {_num(d.get('one_thread_p99_ms'))} ms | {_ok(met)}"
-            f"{'' if at_100k else ' (not at 100k)'} |"
+            f"| query p99 ≤ 30 ms at 100k, recall@10 ≥ 0.98 | p99 **{_num(d['p99_ms'])} ms** "
+            f"(p50 {_num(d['p50_ms'])}), dense recall@10 vs exact "
+            f"**{_num(d.get('dense_recall_at_10'))}** at {d['chunks']:,} chunks | "
+            + _query_baseline(d)
+            + f" | {_ok(met)}{'' if at_100k else ' (not at 100k)'} |"
         ]
     if name == "lora":
         runs = ", ".join(
@@ -242,15 +248,25 @@ def _detail(name: str, d: dict[str, Any], folder: Path, base: Path) -> list[str]
             f"{_num(d['search_p50_s'])} | | {_num(d['search_p99_s'])} | | |",
             "",
             f"Publish → ack p50: {_num(d['publish_ack_p50_ms'])} ms; p99 from send (not ack): "
-            f"{_num(d['from_send_p99_s'])} s.",
+            f"{_num(d['from_send_p99_s'])} s. Embedder: {d.get('embedder') or '?'}; events "
+            f"superseded within their batch: {_num(d.get('coalesced'))}.",
             "",
         ]
+        lora = d.get("lora_during_replay")
+        if lora:
+            lines += [
+                f"A LoRA refresh ran during the replay ({lora.get('new_examples')} new examples, "
+                f"{lora.get('steps')} steps, status {lora.get('status')}): it took "
+                f"{_num(lora.get('seconds'))} s of the replay's {_num(lora.get('replay_s'))} s.",
+                "",
+            ]
     elif name == "ingest":
         v = d.get("variants") or {}
         lines += [
             f"{d['docs']:,} tldr snapshot pages → {d['chunks']:,} chunks counted. Pipeline "
             f"{_num(d['pipeline_s'])} s (publish beforehand: {_num(d['publish_s'])} s, not "
-            f"counted), bare `SentenceTransformer.encode` (batch {d['batch_size']}) on the same "
+            f"counted), bare `Embedder.encode` ({d.get('embedder', 'torch/fp32')}, batch "
+            f"{d['batch_size']}) on the same "
             f"chunk texts {_num(d['bare_s'])} s, "
             + ("in alternating rounds. " if d.get("rounds") else "half before and half after. ")
             + "Hybrid-search recall@5 of page-summary queries on the pipeline's index: "
@@ -288,17 +304,19 @@ def _detail(name: str, d: dict[str, Any], folder: Path, base: Path) -> list[str]
         rows = [(k, x) for k, x in v.items() if isinstance(x, dict)]
         if rows:
             lines += [
-                f"Embedder variants, bare encode of a {v.get('sample_chunks')}-chunk sample "
-                f"(dense recall@5 over the sample, {v.get('sample_queries')} queries):",
+                f"Embedder variants, bare encode of a {v.get('sample_chunks')}-chunk sample in "
+                "slices of 64, each slice through every variant back to back in rotated order "
+                f"(dense recall@5 over the sample, {v.get('sample_queries')} queries; `_1thread`: "
+                "one intra-op thread; `_x2`: two concurrent streams on one session):",
                 "",
-                "| variant | chunks/s | dense recall@5 | mean cosine to fp32 vectors |",
-                "| --- | --- | --- | --- |",
+                "| variant | chunks/s | × torch fp32 | dense recall@5 | mean cos to torch fp32 |",
+                "| --- | --- | --- | --- | --- |",
             ]
             lines += [
-                f"| {k} | {_num(x.get('cps'))} | {_num(x.get('dense_recall_at_5'))} | "
-                f"{_num(x.get('cos_to_fp32'), 4)} |"
+                f"| {k} | {_num(x.get('cps'))} | {_num(x.get('x_torch_fp32'))} | "
+                f"{_num(x.get('dense_recall_at_5'))} | {_num(x.get('cos_to_fp32'), 4)} |"
                 if "error" not in x
-                else f"| {k} | {x['error']} | |"
+                else f"| {k} | {x['error']} | | | |"
                 for k, x in rows
             ]
             if isinstance(v.get("onnx"), str):
@@ -340,19 +358,25 @@ def _detail(name: str, d: dict[str, Any], folder: Path, base: Path) -> list[str]
             f"real chunks with real embeddings); {d['queries']} tldr summary-line queries, "
             f"k={d['k']}.",
             "",
-            "| chunks | p50 ms | p95 ms | p99 ms | 1 thread p50 / p99 ms | embed p50 | hybrid "
-            "p50 | live filter p50 |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            f"Engine: {d.get('engine', '?')}, embedder {d.get('embedder', '?')}. Dense "
+            "recall@10: the engine's dense top-10 against exact cosine search over the tenant's "
+            "vectors. Memory: the Milvus server's resident set after the size was loaded.",
+            "",
+            "| engine | chunks | p50 ms | p95 ms | p99 ms | dense recall@10 | server RSS MiB | "
+            "embed p50 | hybrid p50 | live filter p50 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for _size, x in sorted(d["sizes"].items(), key=lambda kv: int(kv[0])):
-            st = x["steps_p50_ms"]
-            one = x.get("one_thread") or {}
-            lines.append(
-                f"| {x['chunks']:,} | {_num(x['p50_ms'])} | {_num(x['p95_ms'])} | "
-                f"{_num(x['p99_ms'])} | {_num(one.get('p50_ms'))} / {_num(one.get('p99_ms'))} | "
-                f"{_num(st['embed_query'])} | {_num(st['hybrid_search'])} | "
-                f"{_num(st['live_filter'])} |"
-            )
+            for name, e in [(d.get("engine", "headwater"), x), *(x.get("engines") or {}).items()]:
+                st = e["steps_p50_ms"]
+                lines.append(
+                    f"| {name} | {x['chunks']:,} | {_num(e['p50_ms'])} | {_num(e['p95_ms'])} | "
+                    f"{_num(e['p99_ms'])} | {_num(e.get('dense_recall_at_10'), 4)} | "
+                    f"{_num(e.get('server_rss_mib'))} | {_num(st['embed_query'])} | "
+                    f"{_num(st['hybrid_search'])} | {_num(st['live_filter'])} |"
+                )
+        if not any(x.get("engines") for x in d["sizes"].values()):
+            lines += ["", QUERY_322_FINDINGS]
         ft = d.get("first_token") or {}
         lines.append("")
         if "p50_s" in ft:
@@ -383,3 +407,27 @@ def _detail(name: str, d: dict[str, Any], folder: Path, base: Path) -> list[str]
     elif name == "chunking":
         lines += _chunking(d)
     return lines + _img(folder, name, base)
+
+
+# Quoted, not measured by this benchmark: the engine comparison made on this machine before the
+# switch (milvus-lite 3.2 cannot run next to 2.5 in one environment; `--set
+# query.compare_python=PATH` measures it side by side when such an environment exists).
+QUERY_322_FINDINGS = (
+    "Not measured in this run - the engine comparison made on the same machine before the "
+    "switch (issue 13 findings, A.3; 100k rows, 200 queries, all engines alternated, load "
+    "3.9-4.3), search alone without the query embedding: milvus-lite 2.5.1 FLAT dense 25.7 ms /"
+    " hybrid 30.4 ms p50, recall@10 1.000, server 438 MB; milvus-lite 3.2.2 (faiss HNSW) dense "
+    "244 ms / hybrid 561 ms p50, recall@10 0.997, 1 305 MB; 3.2.2 FLAT 367 / 765 ms, 1 214 MB."
+)
+
+
+def _query_baseline(d: dict[str, Any]) -> str:
+    top = d["sizes"][str(max(map(int, d["sizes"])))]
+    others = top.get("engines") or {}
+    if not others:
+        return "milvus-lite 3.2.2 (not this run, findings A.3): hybrid p50 561 ms"
+    return "; ".join(
+        f"{name}: p99 {_num(e['p99_ms'])} ms (p50 {_num(e['p50_ms'])}), recall@10 "
+        f"{_num(e.get('dense_recall_at_10'))}"
+        for name, e in others.items()
+    )

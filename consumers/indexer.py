@@ -55,6 +55,7 @@ class IndexerStats:
     reused: int = 0
     removed: int = 0
     stale: int = 0
+    coalesced: int = 0
     dead_lettered: int = 0
     store_retries: int = 0
 
@@ -91,6 +92,7 @@ class Indexer:
             write=self._write,
             on_error=counted,
             max_records=settings.batch_max_events,
+            backlog_records=settings.batch_max_backlog_events,
             max_wait_ms=settings.batch_max_ms,
             on_committed=self._committed,
         )
@@ -141,6 +143,7 @@ class Indexer:
         s.reused += applied.reused
         s.removed += applied.removed
         s.stale += applied.stale
+        s.coalesced += applied.coalesced
         return failed
 
     def _committed(self, batch: Batch[Logged]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     )
     milvus_token: SecretStr | None = Field(default=None, description="Milvus token (user:pass).")
     milvus_port: int = Field(default=19531, description="Port of the local Milvus Lite server.")
+    milvus_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest wait for one Milvus call before it is retried (a restarted Lite "
+        "server answers only once its data is loaded).",
+    )
     collection_prefix: str = Field(default="headwater", description="Prefix of collection names.")
 
     # -- documents and tenants ---------------------------------------------------------------
@@ -114,8 +120,18 @@ class Settings(BaseSettings):
         default=DEFAULT_EMBEDDER,
         description="sentence-transformers model name or path; the default ships in a package.",
     )
+    embed_backend: Literal["torch", "onnx", "openvino"] = Field(
+        default="onnx",
+        description="torch (sentence-transformers), onnx (onnxruntime) or openvino; the last "
+        "two run the model exported once into cache_dir.",
+    )
+    embed_precision: Literal["fp32", "int8"] = Field(
+        default="int8",
+        description="int8: dynamic, per-channel weights (faster; vectors differ slightly, so "
+        "int8 and fp32 have their own collections).",
+    )
     embed_batch_size: int = Field(default=64, ge=1, description="Chunks per encode call.")
-    embed_device: str = Field(default="cpu", description="torch device of the embedder.")
+    embed_device: str = Field(default="cpu", description="torch device (torch backend only).")
     chunk_tokens: int = Field(default=200, ge=16, description="Target tokens per chunk.")
     chunk_budget_s: float = Field(
         default=60.0,
@@ -128,6 +144,12 @@ class Settings(BaseSettings):
         description="Most chunks one document may make; more is dead-lettered with the reason.",
     )
     batch_max_events: int = Field(default=500, ge=1, description="Events per indexer batch.")
+    batch_max_backlog_events: int = Field(
+        default=1000,
+        ge=1,
+        description="Events per indexer batch while the group lags: a bigger batch embeds only "
+        "the newest of more versions of one document.",
+    )
     batch_max_ms: int = Field(default=100, ge=0, description="Longest wait to fill a batch.")
     indexer_group: str = Field(default="headwater-indexer", description="Consumer group id.")
     freshness_wait_s: float = Field(default=10.0, ge=0, description="Longest wait for a token.")

@@ -13,16 +13,24 @@ field holds at most 65,536 bytes (and Milvus 2.3 takes only an object at its top
 live chunk-id list longer than `INLINE_IDS` goes to pages in a third collection, written before
 the state row that names them (each state's pages are keyed by its log position, so a reader
 holding the previous state row still finds the previous pages until the cleanup step).
+
+The same calls serve milvus-lite 2.5 (the local default) and Milvus servers. Where they differ,
+`Engine` (probed once per connection) decides: milvus-lite answers no version, has no aliases,
+rejects every filter on a collection with a partition key, and in its local mode searches
+AUTOINDEX/IVF through an approximate interim index (recall@10 0.89 measured), so its dense
+index is exact FLAT. Expressions avoid `not (...)` (milvus-lite has no NOT node) and hits are
+read by field, not by primary-key name (milvus-lite names it `id`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +48,7 @@ from headwater.errors import StoreError
 from headwater.events import Hit
 from headwater.settings import Settings
 from headwater.versions import Stamp
-from index.embedder import model_slug
+from index.embedder import variant_id
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +93,64 @@ def clip(text: str, max_bytes: int) -> str:
     return text if len(raw) <= max_bytes else raw[:max_bytes].decode(errors="ignore")
 
 
-def _in(field_name: str, values: Iterable[str]) -> str:
-    return f"{field_name} in [{', '.join(lit(v) for v in values)}]"
+def _in(field_name: str, values: Iterable[str], *, negate: bool = False) -> str:
+    # `x not in [...]`, never `not (x in [...])`: milvus-lite 2.5 has no NOT node.
+    op = "not in" if negate else "in"
+    return f"{field_name} {op} [{', '.join(lit(v) for v in values)}]"
+
+
+def unimplemented(exc: BaseException) -> bool:
+    """Whether a Milvus call failed because this engine does not implement the RPC."""
+    code = getattr(exc, "code", None)
+    name = getattr(code() if callable(code) else code, "name", None)
+    return name == "UNIMPLEMENTED" or "UNIMPLEMENTED" in repr(exc)
+
+
+@contextlib.contextmanager
+def _quiet_pymilvus() -> Iterator[None]:
+    """pymilvus logs a traceback for every failed RPC; an expected probe failure is not news."""
+    logger = logging.getLogger("pymilvus.decorators")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """What the Milvus behind a connection can do; `version` None means milvus-lite."""
+
+    version: str | None
+
+    @classmethod
+    def probe(cls, client: MilvusClient, timeout: float | None = None) -> Engine:
+        try:
+            with _quiet_pymilvus():
+                return cls(str(client.get_server_version(timeout=timeout)))
+        except Exception as exc:
+            if unimplemented(exc):  # milvus-lite 2.5 implements no GetVersion
+                return cls(None)
+            raise StoreError(f"Milvus unreachable: {exc}") from exc
+
+    @property
+    def lite(self) -> bool:
+        return self.version is None
+
+    @property
+    def partition_key(self) -> bool:
+        """Tenant as partition key: a server prunes a tenant's search to its partition."""
+        return not self.lite
+
+    @property
+    def dense_index(self) -> str:
+        """Exact FLAT on milvus-lite (fast enough at 100k: see BENCHMARKS.md, query)."""
+        return "FLAT" if self.lite else "AUTOINDEX"
+
+    @property
+    def aliases(self) -> bool:
+        return not self.lite
 
 
 def check_ids(ids: Iterable[object]) -> list[str]:
@@ -169,6 +233,7 @@ class ChunkStore:
         self.client = client or MilvusClient(**settings.milvus_client_config())
         self.hybrid = True
         self._lock = threading.Lock()
+        self.engine = Engine.probe(self.client, settings.milvus_timeout_s)
         self._ensure()
 
     @classmethod
@@ -177,7 +242,8 @@ class ChunkStore:
 
         None when there are none yet; StoreError when Milvus cannot be reached.
         """
-        prefix = f"{settings.collection_prefix}_chunks_{model_slug(settings.embedder)}_"
+        model_id = variant_id(settings)
+        prefix = f"{settings.collection_prefix}_chunks_{model_id}_"
         try:
             # A dedicated connection: closing this store must not close a shared channel.
             client = MilvusClient(**settings.milvus_client_config(), timeout=timeout_s,
@@ -190,7 +256,7 @@ class ChunkStore:
         if not dims:
             client.close()
             return None
-        return cls(settings, model_slug(settings.embedder), max(dims), client)
+        return cls(settings, model_id, max(dims), client)
 
     # -- schema --------------------------------------------------------------------------------
     def _ensure(self) -> None:
@@ -220,9 +286,8 @@ class ChunkStore:
     def _create_chunks(self, *, bm25: bool) -> None:
         s = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         s.add_field("chunk_id", DataType.VARCHAR, max_length=64, is_primary=True)
-        # Partition key: a Milvus server prunes a tenant-filtered search to that tenant's
-        # partition (Milvus Lite measured no difference; see BENCHMARKS.md, query).
-        s.add_field("tenant", DataType.VARCHAR, max_length=64, is_partition_key=True)
+        s.add_field("tenant", DataType.VARCHAR, max_length=64,
+                    is_partition_key=self.engine.partition_key)  # fmt: skip
         s.add_field("doc_key", DataType.VARCHAR, max_length=40)
         s.add_field("doc_id", DataType.VARCHAR, max_length=2048)
         s.add_field("version", DataType.INT64)
@@ -233,7 +298,7 @@ class ChunkStore:
             s.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX)
         s.add_field("dense", DataType.FLOAT_VECTOR, dim=self.dim)
         idx = self.client.prepare_index_params()
-        idx.add_index("dense", index_type="AUTOINDEX", metric_type="COSINE")
+        idx.add_index("dense", index_type=self.engine.dense_index, metric_type="COSINE")
         if bm25:
             s.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
             s.add_function(
@@ -292,12 +357,18 @@ class ChunkStore:
         if self.client.has_collection(name):
             self.client.drop_collection(name)
 
-    def point_alias(self) -> None:
-        """Make the model-independent alias name this collection (after a rebuild caught up)."""
+    def point_alias(self) -> bool:
+        """Make the model-independent alias name this collection (after a rebuild caught up).
+
+        False on an engine without aliases (milvus-lite): readers name the collection itself.
+        """
+        if not self.engine.aliases:
+            return False
         if self.alias in self.client.list_aliases().get("aliases", []):
             self.client.alter_alias(self.chunks, self.alias)
         else:
             self.client.create_alias(self.chunks, self.alias)
+        return True
 
     # -- reads ---------------------------------------------------------------------------------
     def _query_in(
@@ -423,7 +494,7 @@ class ChunkStore:
         superseded chunks awaiting cleanup are among them; `Searcher` keeps the live ones.
         """
         expr = f"tenant == {lit(tenant)}"
-        fields = ["doc_id", "version", "section", "text"]
+        fields = ["chunk_id", "doc_id", "version", "section", "text"]
         if self.hybrid and text.strip():
             dense = AnnSearchRequest(
                 data=[list(vector)], anns_field="dense", param={"metric_type": "COSINE"},
@@ -433,11 +504,20 @@ class ChunkStore:
                 data=[text], anns_field="sparse", param={"metric_type": "BM25"},
                 limit=limit, expr=expr,
             )  # fmt: skip
-            res = self._call(
-                self.client.hybrid_search, self.chunks, [dense, sparse],
-                ranker=RRFRanker(60), limit=limit, output_fields=fields,
-            )  # fmt: skip
+            try:
+                res = self._call(
+                    self.client.hybrid_search, self.chunks, [dense, sparse],
+                    ranker=RRFRanker(60), limit=limit, output_fields=fields,
+                )  # fmt: skip
+            except StoreError as exc:
+                if "NaN or Inf" not in str(exc):
+                    raise
+                # milvus-lite 2.5 scores BM25 over rows that hold no term at all (only empty
+                # texts) as NaN and refuses the query; BM25 has nothing to rank there.
+                res = None
         else:
+            res = None
+        if res is None:
             res = self._call(
                 self.client.search, self.chunks, data=[list(vector)], anns_field="dense",
                 limit=limit, filter=expr, output_fields=fields,
@@ -447,7 +527,7 @@ class ChunkStore:
         for h in res[0] if res else []:
             e = h["entity"]
             hits.append(
-                Hit(doc_id=e["doc_id"], version=int(e["version"]), chunk_id=h["chunk_id"],
+                Hit(doc_id=e["doc_id"], version=int(e["version"]), chunk_id=e["chunk_id"],
                     score=float(h["distance"]), text=e["text"], section=e["section"] or "")
             )  # fmt: skip
         return hits
@@ -500,7 +580,7 @@ class ChunkStore:
         keep = [k for st in states for k in page_keys(st.key, st.stamp, st.pages)]
         expr = _in("doc_key", [st.key for st in states])
         if keep:
-            expr += f" and not ({_in('page_key', keep)})"
+            expr += f" and {_in('page_key', keep, negate=True)}"
         self._call(self.client.delete, self.lists, filter=expr)
 
     def remove_stale_chunks(self, keys: Sequence[str], keep: Sequence[str]) -> None:
@@ -512,7 +592,7 @@ class ChunkStore:
             return
         expr = _in("doc_key", keys)
         if keep:
-            expr += f" and not ({_in('chunk_id', keep)})"
+            expr += f" and {_in('chunk_id', keep, negate=True)}"
         self._call(self.client.delete, self.chunks, filter=expr)
 
     def drop(self) -> None:
@@ -538,6 +618,8 @@ class ChunkStore:
     def _call_once(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if "ids" in kwargs:  # pymilvus splices ids into an expression unescaped
             kwargs["ids"] = check_ids(kwargs["ids"])
+        # A bounded wait: an unanswered call (a restarting server) becomes a retryable error.
+        kwargs.setdefault("timeout", self.settings.milvus_timeout_s)
         # pymilvus clients are not documented as thread-safe; searches and writes may share one.
         t0 = time.perf_counter()
         try:

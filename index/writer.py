@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 CHUNKS = Counter("headwater_chunks_total", "Chunks by outcome", ["outcome"])
 STALE = Counter("headwater_stale_events_total", "Events older than or equal to the index")
+COALESCED = Counter(
+    "headwater_coalesced_events_total", "Events superseded by a newer version in the same batch"
+)
 EMBED_SECONDS = Histogram("headwater_embed_seconds", "Time to embed one batch of chunks")
 EMBED_RETRIES = 2
 DELETE_IDS_PER_EXPR = 2000
@@ -47,6 +50,7 @@ class Applied:
     reused: int = 0
     removed: int = 0
     stale: int = 0
+    coalesced: int = 0  # superseded by a newer version of their document in the same batch
 
 
 @dataclass
@@ -121,7 +125,10 @@ class IndexWriter:
             if not chain and item.stamp == current:
                 # A redelivery of what the index holds: a crash may have stopped its cleanup.
                 recheck.add(key)
+        # Versions a newer one in the same batch superseded: never embedded unless it fails.
+        out.coalesced = sum(len(chain) - 1 for chain in chains.values())
         STALE.inc(out.stale)
+        COALESCED.inc(out.coalesced)
 
         plans: list[_Plan] = []
         todo = list(chains)

@@ -92,7 +92,8 @@ def run_demo(settings: Settings, *, limit: int = 800, console: Console | None = 
         s = indexer.stats
         con.print(
             f"Indexed in {time.monotonic() - t0:.1f}s: {s.embedded} chunks embedded, "
-            f"{s.reused} reused, {s.stale} stale events ignored, {s.dead_lettered} dead-lettered"
+            f"{s.reused} reused, {s.stale} stale events ignored, {s.coalesced} superseded in "
+            f"their batch, {s.dead_lettered} dead-lettered"
         )
         for query in QUERIES:
             _show(con, query, searcher.search(query, tenant=settings.default_tenant, k=3))

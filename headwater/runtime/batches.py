@@ -66,6 +66,7 @@ class BatchLoop(Generic[T]):
         on_error: OnError,
         producer: KafkaProducer | None = None,
         max_records: int = 500,
+        backlog_records: int | None = None,
         max_wait_ms: int = 100,
         backoff: Backoff = DEFAULT_BACKOFF,
         on_committed: Callable[[Batch[T]], None] | None = None,
@@ -73,6 +74,10 @@ class BatchLoop(Generic[T]):
         self.settings = settings
         self.decode, self.write, self.on_error = decode, write, on_error
         self.max_records, self.max_wait_ms = max_records, max_wait_ms
+        # While the group lags a batch may grow to this: the records are already waiting, and
+        # a sink that coalesces (the indexer: newest version per document) does less per record.
+        self.backlog_records = max(max_records, backlog_records or max_records)
+        self.cap = max_records  # this batch's bound: max_records, or more while lagging
         self.backoff = backoff
         self.on_committed = on_committed
         self._owns_producer = producer is None
@@ -117,19 +122,38 @@ class BatchLoop(Generic[T]):
         offsets = _next_offsets(batch.records)
         self._step(batch, "commit", stop, lambda: self.member.commit(offsets))
         self._batch = None
+        self.cap = self._next_cap(len(batch.records))
         if self.on_committed is not None:
             self.on_committed(batch)
         return len(batch.records)
+
+    def _next_cap(self, taken: int) -> int:
+        """The next batch's bound: what is waiting, between the two limits.
+
+        The consumer learns a partition's end only when it fetches from it, so a full batch
+        counts as a lag too: there was more than it could take.
+        """
+        if self.backlog_records == self.max_records:
+            return self.max_records
+        waiting = sum(self.member.lag().values())  # as last fetched: no broker round trip
+        if taken >= self.cap:
+            waiting = max(waiting, self.backlog_records)
+        return min(self.backlog_records, max(self.max_records, waiting))
 
     def _fill(self, stop: threading.Event) -> Batch[T]:
         out = Outbox(self.producer)
         batch: Batch[T] = Batch([], [], out)
         self._batch = batch  # in hand from now on: a rebalance while filling drops from it
         deadline = time.monotonic() + self.max_wait_ms / 1000
-        while len(batch.records) < self.max_records and not stop.is_set():
-            wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        cap = self.cap
+        grown = cap > self.max_records
+        while len(batch.records) < cap and not stop.is_set():
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            # A grown batch keeps taking what is waiting after the deadline, until a poll comes
+            # back empty: records on partitions not fetched yet need a fetch's wait to arrive.
+            wait_ms = max(0, left_ms) if left_ms > 0 or not grown else max(self.max_wait_ms, 20)
             try:
-                records = self.member.poll(wait_ms, self.max_records - len(batch.records))
+                records = self.member.poll(wait_ms, cap - len(batch.records))
             except KafkaError as exc:
                 # kafka-python raises out of poll when the group coordinator's broker dies
                 # (ECONNREFUSED finding it again); the next poll rejoins through another one.
@@ -143,7 +167,7 @@ class BatchLoop(Generic[T]):
                         batch.items.append((record, self.decode(record)))
                     except Exception as exc:
                         self.on_error(exc, record, out)
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline and (not grown or not records):
                 break
         return batch
 
