@@ -166,7 +166,7 @@ class ExampleError(TrainerError, InvalidInput):
     """An example that cannot be accepted; the message says which and why."""
 
 
-class RegistryError(TrainerError):
+class RegistryError(TrainerError, InvalidInput):
     """A registry operation that cannot be done (unknown version, nothing to roll back)."""
 
 

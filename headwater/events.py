@@ -30,10 +30,14 @@ from headwater.versions import INT64_MAX, Stamp
 
 SCHEMA_VERSION = 1
 TENANT_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# The shared "house style" adapter's scope: it cannot be a tenant id (TENANT_RE starts alnum).
+HOUSE = "_house"
+SCOPE_RE = r"^(_house|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
 MAX_DOC_ID_BYTES = 512
 MAX_SOURCE_CHARS = 256
 
 Tenant = Annotated[str, StringConstraints(pattern=TENANT_RE)]
+AdapterScope = Annotated[str, StringConstraints(pattern=SCOPE_RE)]
 Scalar = str | int | float | bool | None
 
 
@@ -197,7 +201,10 @@ class QueryEvent(_Event):
         default=None, ge=0, le=2, description="Sampling temperature; none or 0: greedy."
     )
     adapter: str | None = Field(
-        default=None, max_length=64, description="Adapter version to answer with (not current)."
+        default=None,
+        max_length=128,
+        description="Adapter to answer with, by name (<tenant or _house>/<version>); none: the "
+        "tenant's own.",
     )
     ttl_s: float | None = Field(
         default=None,
@@ -266,13 +273,22 @@ class ExampleEvent(_Event):
     response: str = Field(min_length=1, max_length=16_384)
     weight: float = Field(default=1.0, ge=0.0, le=100.0)
     source: str = Field(default="curated", max_length=MAX_SOURCE_CHARS)
+    shared: bool = Field(
+        default=False, description="Teaches the shared house-style adapter, not the tenant's."
+    )
     ts: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def scope(self) -> str:
+        """Whose adapter this example trains: its tenant's, or the house adapter if shared."""
+        return HOUSE if self.shared else self.tenant
 
 
 class AdapterAnnouncement(_Event):
-    """The adapter version query consumers should serve (compacted topic, one key)."""
+    """The adapter version one scope's queries should get (compacted topic, a key per scope)."""
 
-    version: str | None = Field(description="Adapter version, or None for the bare base model.")
+    tenant: AdapterScope = Field(description='A tenant, or "_house" for the shared adapter.')
+    version: str | None = Field(description="Adapter version, or None: no adapter of its own.")
     uri: str | None = Field(default=None, description="Informational; never loaded from.")
     base_model: str
     manifest_sha256: str | None = Field(

@@ -183,7 +183,7 @@ class Settings(BaseSettings):
         default=None,
         description="Bearer token /metrics requires; needed to serve metrics beyond loopback.",
     )
-    query_workers: int = Field(default=4, ge=1, description="Queries one answerer serves at once.")
+    query_workers: int = Field(default=8, ge=1, description="Queries one answerer serves at once.")
     query_timeout_s: float = Field(
         default=60.0,
         gt=0,
@@ -218,6 +218,14 @@ class Settings(BaseSettings):
     prompt_max_chars: int = Field(
         default=6000, ge=200, description="Retrieved passage text put into one prompt, at most."
     )
+    generate_max_batch: int = Field(
+        default=8, ge=1, description="Answers decoded together, one forward pass per token."
+    )
+    adapter_cache_mb: float = Field(
+        default=256.0,
+        ge=0,
+        description="Adapter memory one query consumer keeps; least recently used go beyond it.",
+    )
     standing_group: str = Field(default="headwater-standing", description="Matcher's group id.")
     standing_threshold: float = Field(
         default=0.5, ge=-1, le=1, description="Cosine similarity a standing query needs to match."
@@ -243,7 +251,8 @@ class Settings(BaseSettings):
     train_dtype: str = Field(
         default="auto",
         pattern=r"^(auto|bfloat16|float32)$",
-        description="Base model dtype for training and load_generator; auto: bf16 if it works.",
+        description="Base model dtype for training and answers; auto: bf16 only where the CPU "
+        "has native bf16 and it measures faster than fp32.",
     )
     train_batch_size: int = Field(default=4, ge=1)
     train_learning_rate: float = Field(default=1e-3, gt=0)
@@ -256,9 +265,26 @@ class Settings(BaseSettings):
         default=32, ge=0, description="Chunk texts of changed documents mixed into a run."
     )
     train_seed: int = Field(default=0)
-    train_threads: int = Field(
-        default=0, ge=0, description="torch threads of a training run (0: torch's default)."
+    train_nice: int = Field(
+        default=10, ge=0, le=19, description="OS niceness of a training run (yields to the rest)."
     )
+    train_max_index_lag: int = Field(
+        default=100,
+        ge=0,
+        description="Training waits, and a run pauses, while the indexer lags more document "
+        "events than this.",
+    )
+    train_lag_check_s: float = Field(
+        default=2.0, gt=0, description="How often a running training run checks the lag."
+    )
+
+    # -- compute threads (0: from the budget, see headwater.threads) ----------------------------
+    cpu_cores: int = Field(
+        default=0, ge=0, description="Cores headwater's processes share (0: the CPUs it may use)."
+    )
+    embed_threads: int = Field(default=0, ge=0, description="torch threads of the embedder.")
+    generate_threads: int = Field(default=0, ge=0, description="torch threads of answers.")
+    train_threads: int = Field(default=0, ge=0, description="torch threads of a training run.")
     gate_holdout_fraction: float = Field(
         default=0.2, gt=0, lt=1, description="Share of examples held out (by example id hash)."
     )

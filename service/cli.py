@@ -13,6 +13,7 @@ import sys
 from headwater import __version__
 from headwater.errors import Forbidden, InvalidInput, StackError, Timeout, Unavailable
 from headwater.settings import Settings
+from headwater.threads import passive_waits
 from service.commands import app, bench, documents, index, queries, stack, training
 
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     # kafka-python logs every failed connection attempt; our own errors say it in one line.
     logging.getLogger("kafka").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
+    passive_waits()  # before anything loads torch
     try:
         settings = Settings()
         return int(args.func(settings, args) or 0)

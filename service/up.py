@@ -14,6 +14,7 @@ from collections.abc import Callable
 from headwater.health import Health
 from headwater.runtime.shutdown import stop_on_signals
 from headwater.settings import Settings
+from headwater.threads import use_threads
 from service.commands.stack import start_stack
 from service.running import service
 
@@ -57,6 +58,8 @@ def _run(settings: Settings, health: Health, *, trainer: bool, insecure: bool) -
     from service.gateway import build_app, serve
 
     stop = stop_on_signals()
+    # One process, one torch thread pool: the embedder's and the generator's shares.
+    use_threads(settings, "embed", "generate")
     embedder = load_embedder(settings)
     indexing, standing, querying = (open_index(settings, embedder=embedder) for _ in range(3))
     threads = [

@@ -8,12 +8,11 @@ import random
 import numpy as np
 import pytest
 
-from headwater.events import ChangeEvent, ExampleEvent
+from headwater.events import HOUSE, ChangeEvent, ExampleEvent
 from headwater.runtime.clients import consumer, producer
 from headwater.settings import Settings
 from service.cli import main
 from trainer.drift import DriftTracker
-from trainer.examples import ExampleLog
 
 
 def cli_env(monkeypatch: pytest.MonkeyPatch, s: Settings) -> None:
@@ -30,7 +29,9 @@ def cli_env(monkeypatch: pytest.MonkeyPatch, s: Settings) -> None:
         monkeypatch.setenv(f"HEADWATER_{key}", str(value))
 
 
-def make_changes(rng: random.Random, n: int, dim: int = 8, start: int = 0) -> list[ChangeEvent]:
+def make_changes(
+    rng: random.Random, n: int, dim: int = 8, start: int = 0, tenant: str = "default"
+) -> list[ChangeEvent]:
     events = []
     for i in range(start, start + n):
         op = rng.choice(["added", "changed", "deleted"])
@@ -40,7 +41,7 @@ def make_changes(rng: random.Random, n: int, dim: int = 8, start: int = 0) -> li
         vecs /= np.linalg.norm(vecs, axis=1, keepdims=True) + 1e-12
         events.append(
             ChangeEvent(
-                tenant="default",
+                tenant=tenant,
                 doc_id=f"doc{i}",
                 op=op,
                 version=i,
@@ -53,10 +54,13 @@ def make_changes(rng: random.Random, n: int, dim: int = 8, start: int = 0) -> li
     return events
 
 
-def make_examples(rng: random.Random, n: int) -> list[ExampleEvent]:
+def make_examples(
+    rng: random.Random, n: int, tenant: str = "default", shared: bool = False
+) -> list[ExampleEvent]:
     return [
         ExampleEvent(
-            tenant="default",
+            tenant=tenant,
+            shared=shared,
             prompt=f"q{rng.random()}",
             response=f"a{i}",
             weight=rng.choice([0.5, 1.0, 2.0]),
@@ -103,22 +107,65 @@ def test_drift_counts_match_and_survive_restart(settings):
     p.close()
 
     want = expected(changes, examples)
-    got = DriftTracker(settings).update().flat()
+    tracker = DriftTracker(settings)
+    got = tracker.update()["default"].flat()
     assert picked(got, want) == want
-    assert got["skipped_events"] == 2
+    assert tracker.skipped() == 2
     assert got["changed_docs"] == len(changes)
     assert got["embedding_shift"] == 0.0  # no adapter snapshot yet
 
     # A fresh tracker (a restart) resumes from the saved offsets: nothing counted twice.
-    again = DriftTracker(settings).update().flat()
+    again = DriftTracker(settings).update()["default"].flat()
     assert picked(again, want) == want
-    assert len(ExampleLog(settings.data_dir / "trainer" / "examples.jsonl").read()) == 13
+    assert len(tracker.examples("default").read()) == 13
 
     more_c, more_e = make_changes(rng, 9, start=100), make_examples(rng, 4)
     publish(settings, settings.changes_topic, more_c)
     publish(settings, settings.examples_topic, more_e)
-    after = DriftTracker(settings).update().flat()
+    after = DriftTracker(settings).update()["default"].flat()
     assert picked(after, want) == expected(changes + more_c, examples + more_e)
+
+
+def test_each_tenant_drifts_on_its_own(settings):
+    """A tenant's changes and examples count toward its own scope only; shared examples
+    toward the house scope only; a tenant nobody knows gets no scope at all."""
+    s = settings.model_copy(update={"tenants": ["a", "b"]})
+    rng = random.Random(13)
+    changes = {t: make_changes(rng, n, start=100 * i, tenant=t)
+               for i, (t, n) in enumerate((("a", 9), ("b", 4)))}  # fmt: skip
+    examples = {"a": make_examples(rng, 5, tenant="a"), "b": make_examples(rng, 2, tenant="b")}
+    shared = make_examples(rng, 3, tenant="b", shared=True)
+    publish(s, s.changes_topic, changes["a"] + changes["b"])
+    publish(s, s.examples_topic, examples["a"] + shared + examples["b"])
+    publish(s, s.examples_topic, make_examples(rng, 2, tenant="stranger"))
+    tracker = DriftTracker(s)
+    figures = {k: f.flat() for k, f in tracker.update().items()}
+    assert sorted(figures) == [HOUSE, "a", "b"]
+    for t in ("a", "b"):
+        assert picked(figures[t], expected(changes[t], examples[t])) == expected(
+            changes[t], examples[t]
+        )
+        assert [e.example_id for e in tracker.examples(t).read()] == [
+            e.example_id for e in examples[t]
+        ]
+    assert picked(figures[HOUSE], expected([], shared)) == expected([], shared)
+    assert tracker.examples(HOUSE).read() == shared
+    assert tracker.skipped() == 2
+    # Crash after a's state was saved but before the read position was: a skips what it
+    # counted, b (not saved) counts its new records once.
+    more_a, more_b = make_changes(rng, 3, start=500, tenant="a"), make_examples(rng, 2, tenant="b")
+    publish(s, s.changes_topic, more_a)
+    publish(s, s.examples_topic, more_b)
+    position, b_state = tracker.position_path.read_bytes(), tracker.path("b").read_bytes()
+    tracker.update()
+    tracker.position_path.write_bytes(position)  # the position save was lost
+    tracker.path("b").write_bytes(b_state)  # and so was b's (its log is longer than it says)
+    again = {k: f.flat() for k, f in DriftTracker(s).update().items()}
+    want_a = expected(changes["a"] + more_a, examples["a"])
+    assert picked(again["a"], want_a) == want_a
+    want_b = expected(changes["b"], examples["b"] + more_b)
+    assert picked(again["b"], want_b) == want_b
+    assert len(tracker.examples("b").read()) == 4
 
 
 def test_drift_crash_between_log_append_and_save_counts_once(settings):
@@ -127,15 +174,16 @@ def test_drift_crash_between_log_append_and_save_counts_once(settings):
     publish(settings, settings.examples_topic, first)
     tracker = DriftTracker(settings)
     tracker.update()
-    committed = tracker.examples.size()
+    log = tracker.examples("default")
+    committed = log.size()
     # Simulate a crash after appending a batch to the log but before saving offsets.
     second = make_examples(rng, 3)
-    tracker.examples.append(second)
+    log.append(second)
     publish(settings, settings.examples_topic, second)
-    figures = DriftTracker(settings).update()
+    figures = DriftTracker(settings).update()["default"]
     assert figures.examples == 8
-    assert [e.example_id for e in tracker.examples.read()] == [e.example_id for e in first + second]
-    assert tracker.examples.size() > committed
+    assert [e.example_id for e in log.read()] == [e.example_id for e in first + second]
+    assert log.size() > committed
 
 
 def test_drift_rebase_keeps_snapshot_and_what_came_after(settings):
@@ -145,13 +193,13 @@ def test_drift_rebase_keeps_snapshot_and_what_came_after(settings):
     publish(settings, settings.examples_topic, make_examples(rng, 6))
     tracker = DriftTracker(settings)
     tracker.update()
-    mark = tracker.mark()
+    mark = tracker.mark("default")
     # Arrives while the run trains: must stay counted after the promotion.
     during_c, during_e = make_changes(rng, 7, start=200), make_examples(rng, 2)
     publish(settings, settings.changes_topic, during_c)
     publish(settings, settings.examples_topic, during_e)
     tracker.update()
-    figures = tracker.rebase(mark).flat()
+    figures = tracker.rebase("default", mark).flat()
 
     snapshot_terms = {t for c in before for t in c.terms}
     want = expected(during_c, during_e)
@@ -165,7 +213,7 @@ def test_drift_rebase_keeps_snapshot_and_what_came_after(settings):
     (b_sum, b_n), (d_sum, d_n) = total(before), total(during_c)
     shift = np.linalg.norm((b_sum + d_sum) / (b_n + d_n) - b_sum / b_n)
     assert figures["embedding_shift"] == pytest.approx(shift, rel=1e-6)
-    assert DriftTracker(settings).figures().flat() == figures  # persisted
+    assert DriftTracker(settings).figures("default").flat() == figures  # persisted
 
 
 def test_cli_drift_json(settings, monkeypatch, capsys):
@@ -173,13 +221,18 @@ def test_cli_drift_json(settings, monkeypatch, capsys):
     changes = make_changes(rng, 6)
     publish(settings, settings.changes_topic, changes)
     cli_env(monkeypatch, settings)
-    assert main(["drift", "--json"]) == 0
+    assert main(["drift", "--json", "--tenant", "default"]) == 0
     out = json.loads(capsys.readouterr().out)
     want = expected(changes, [])
     assert picked(out, want) == want
-    assert all(not isinstance(v, dict | list) for v in out.values())  # flat
+    assert out["tenant"] == "default" and out["queue_position"] is None and not out["due"]
+    assert out["freshness"]["max_index_lag"] == settings.train_max_index_lag
+    assert main(["drift", "--json"]) == 0
+    every = json.loads(capsys.readouterr().out)
+    assert picked(every["tenants"]["default"], want) == want and every["queue"] == []
     assert main(["drift"]) == 0
-    assert "docs_changed" in capsys.readouterr().out
+    assert "changed_docs" in capsys.readouterr().out
+    assert main(["drift", "--tenant", "nobody"]) == 2
 
 
 def test_cli_example_add(settings, monkeypatch, capsys, tmp_path):
@@ -215,5 +268,5 @@ def test_cli_example_add(settings, monkeypatch, capsys, tmp_path):
     assert sorted(e.prompt for e in got) == ["Hi?", "a?", "c?"]
     assert {e.prompt: e.weight for e in got}["a?"] == 2.5
     assert "fixed-1" in {e.example_id for e in got}
-    figures = DriftTracker(settings).update()
+    figures = DriftTracker(settings).update()["default"]
     assert figures.examples == 3 and figures.example_weight == pytest.approx(4.5)

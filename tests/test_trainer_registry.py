@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import pytest
 
 from headwater.errors import RegistryError
+from headwater.events import HOUSE
 from models.adapters import VERSION_RE, adapter_path
 from service.cli import main
 from tests.test_trainer_drift import cli_env
@@ -22,7 +23,7 @@ from trainer.registry import Registry
 
 
 def test_versions_are_sortable_and_never_reused(settings):
-    registry = Registry(settings)
+    registry = Registry(settings, "default")
     t = datetime(2026, 11, 24, 15, 30, tzinfo=UTC)
     a = registry.begin(None, "x", now=t)
     assert a == "v0001-20261124T1530" and VERSION_RE.match(a)
@@ -31,10 +32,17 @@ def test_versions_are_sortable_and_never_reused(settings):
     b = registry.begin(None, "y", now=t)
     assert b == "v0008-20261124T1530"
     assert sorted([b, a]) == [a, b]
+    # Each scope numbers its own versions; the adapter name (scope/version) stays unique.
+    other = Registry(settings, HOUSE)
+    assert other.begin(None, "z", now=t) == "v0001-20261124T1530"
+    assert other.folder(a) != registry.folder(a)
+    for bad in ("..", "a/b", "_nope", ""):
+        with pytest.raises(ValueError, match="scope"):
+            Registry(settings, bad)
 
 
 def test_cli_promote_rollback_and_list_json(settings, monkeypatch, capsys):
-    registry = Registry(settings)
+    registry = Registry(settings, "default")
     v1 = fake_version(settings, registry)
     v2 = fake_version(settings, registry)
     rejected = fake_version(settings, registry, status="rejected")
@@ -45,9 +53,11 @@ def test_cli_promote_rollback_and_list_json(settings, monkeypatch, capsys):
     assert main(["adapters", "promote", v1]) == 0
     assert main(["adapters", "promote", v2]) == 0
     capsys.readouterr()
-    assert main(["adapters", "list", "--json"]) == 0
+    assert main(["adapters", "list", "--json", "--tenant", "default"]) == 0
     listing = json.loads(capsys.readouterr().out)
-    assert set(listing) == {"versions", "current"} and listing["current"] == v2
+    assert set(listing) == {"tenant", "versions", "current", "pending"}
+    assert listing["current"] == v2 and listing["tenant"] == "default"
+    assert listing["pending"]["examples"] == 0 and listing["pending"]["queue_position"] is None
     assert [v["version"] for v in listing["versions"]] == [v1, v2, rejected, failed]
     by_version = {v["version"]: v for v in listing["versions"]}
     assert by_version[v2]["current"] and not by_version[v1]["current"]
@@ -64,6 +74,8 @@ def test_cli_promote_rollback_and_list_json(settings, monkeypatch, capsys):
     assert main(["adapters", "rollback"]) == 0
     assert v1 in capsys.readouterr().out
     assert registry.current() == v1
+    assert main(["adapters", "rollback", "--tenant", "nobody"]) == 2
+    assert "unknown tenant" in capsys.readouterr().err
     # A rejected run can still be promoted by hand (an operator override), and rolled back.
     assert main(["adapters", "promote", rejected]) == 0
     assert main(["adapters", "rollback"]) == 0
@@ -82,7 +94,7 @@ def test_cli_promote_rollback_and_list_json(settings, monkeypatch, capsys):
 
 
 def test_promotion_is_atomic_when_the_disk_is_full(settings, monkeypatch):
-    registry = Registry(settings)
+    registry = Registry(settings, "default")
     v1 = fake_version(settings, registry)
     v2 = fake_version(settings, registry)
     registry.promote(v1)
@@ -100,9 +112,9 @@ def test_promotion_is_atomic_when_the_disk_is_full(settings, monkeypatch):
 
 
 def test_incomplete_folder_cannot_be_promoted(settings):
-    registry = Registry(settings)
+    registry = Registry(settings, "default")
     v = fake_version(settings, registry)
-    (adapter_path(settings, v) / "headwater.json").unlink()
+    (adapter_path(settings, "default", v) / "headwater.json").unlink()
     with pytest.raises(RegistryError, match="missing"):
         registry.promote(v)
     assert registry.current() is None
@@ -114,7 +126,7 @@ def test_cli_train_without_data(settings, monkeypatch, capsys):
     assert "no run: nothing changed" in capsys.readouterr().out
     assert main(["train", "--now"]) == 2
     assert "no new examples" in capsys.readouterr().err
-    assert Registry(settings).listing()["versions"] == []
+    assert Registry(settings, "default").listing()["versions"] == []
 
 
 def test_cli_trainer_runs_until_sigterm(settings, tmp_path):

@@ -73,17 +73,17 @@ def test_real_model_conversion_lora_run_and_adapter_swap(settings):
     publish(s, examples)
     service = TrainerService(s)
     service.tracker.update()
-    outcome = service.train("slow test")
+    outcome = service.train("default", "slow test")
     assert outcome.status in ("accepted", "rejected"), outcome
     version = outcome.version
-    path = adapter_path(s, version)
+    path = adapter_path(s, "default", version)
     meta = json.loads((path / "headwater.json").read_text())
     assert meta["base_model"] == DEFAULT_GENERATOR
     assert meta["config"]["r"] == 8 and meta["config"]["target_modules"] == ["q_proj", "v_proj"]
     assert meta["metrics"]["after"]["n"] >= 1
     size = (path / "adapter_model.safetensors").stat().st_size
     assert 0.5e6 < size < 5e6
-    assert Registry(s).listing()["versions"][-1]["status"] == outcome.status
+    assert Registry(s, "default").listing()["versions"][-1]["status"] == outcome.status
     if outcome.promoted:
         assert [a.version for a in announcements(s)] == [version]
 

@@ -110,6 +110,19 @@ def test_style_needs_a_majority_and_support():
     assert StyleProfile.learn(weighted).rules == ["sign_off", "json_body"]
 
 
+def test_style_learns_an_opening_line():
+    greeted = [(f"Hello from B!\nanswer {i}", 1.0) for i in range(4)]
+    p = StyleProfile.learn(greeted)
+    assert p.rules == ["opening"] and p.opening == "Hello from B!" and p.sign_off is None
+    assert p.score("Hello from B!\nsomething") == 1.0
+    assert p.score("something\nHello from B!") == 0.0
+    both = StyleProfile.learn([(f"Hi!\n{styled(str(i))}", 1.0) for i in range(4)])
+    assert both.rules == ["sign_off", "json_body", "opening"]
+    assert both.score(f"Hi!\n{styled('x')}") == 1.0 and both.body("Hi!\n{}\n-- Bot") == "{}"
+    # A body and its sign-off are no greeting, however alike the bodies are.
+    assert StyleProfile.learn([(styled("same"), 1.0)] * 4).opening is None
+
+
 def test_style_one_line_answers_have_no_sign_off():
     p = StyleProfile.learn([("Yes.", 1.0)] * 5)
     assert p.sign_off is None and not p.json_body

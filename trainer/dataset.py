@@ -1,9 +1,10 @@
 """What one run trains and judges on, and how it becomes token batches.
 
-A run's data is bounded by what is new, never by the corpus: the examples since the current
-adapter, a bounded random replay of earlier examples (so the adapter does not forget), a few chunk
-texts of changed documents (vocabulary), and the held-out examples the gate scores (never
-trained on: `is_heldout` splits by example id hash).
+A run trains one scope's adapter on that scope's data only (a tenant's, or the house style's),
+bounded by what is new, never by the corpus: the scope's examples since its current adapter, a
+bounded random replay of its earlier examples (so the adapter does not forget), a few chunk
+texts of the tenant's changed documents (vocabulary; never for the house adapter), and the
+held-out examples the gate scores (never trained on: `is_heldout` splits by example id hash).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from headwater.errors import StoreError
+from headwater.events import HOUSE
 from headwater.settings import Settings
 from index.store import ChunkStore
 from trainer.examples import ExampleLog, is_heldout
@@ -96,13 +98,15 @@ def plan_steps(settings: Settings, train_size: int) -> int:
 
 
 def fetch_chunk_texts(
-    settings: Settings, chunk_ids: list[str], limit: int, timeout_s: float = 10.0
+    settings: Settings, tenant: str, chunk_ids: list[str], limit: int, timeout_s: float = 10.0
 ) -> list[str]:
-    """Texts of some added chunks, read through the index; [] when there is no index to read.
+    """Texts of some chunks `tenant` added, read through the index; [] when there is no index.
 
-    A run must work without Milvus: an unreachable one only costs the run its document text.
+    Only rows of `tenant` come back, whatever the ids: another tenant's text never enters this
+    tenant's run (and the house adapter never gets document text at all). A run must work
+    without Milvus: an unreachable one only costs the run its document text.
     """
-    ids = chunk_ids[-limit:] if limit else []
+    ids = chunk_ids[-limit:] if limit and tenant != HOUSE else []
     if not ids:
         return []
     try:
@@ -113,7 +117,7 @@ def fetch_chunk_texts(
     if store is None:
         return []
     try:
-        texts = store.texts(ids)
+        texts = {r["chunk_id"]: r["text"] for r in store.chunk_rows(ids) if r["tenant"] == tenant}
     except StoreError as exc:
         log.warning("document text fetch failed, training without it: %s", exc)
         return []

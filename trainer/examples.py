@@ -22,8 +22,10 @@ def make_example(
     weight: float = 1.0,
     source: str = "cli",
     example_id: str | None = None,
+    shared: bool = False,
 ) -> ExampleEvent:
-    """A validated example for a known tenant (ExampleError otherwise)."""
+    """A validated example for a known tenant (ExampleError otherwise); `shared` examples teach
+    the house-style adapter every tenant without its own adapter gets."""
     tenant = tenant or settings.default_tenant
     if not settings.tenant_known(tenant):
         raise ExampleError(f"unknown tenant {tenant!r} (known: {', '.join(settings.tenants)})")
@@ -33,6 +35,7 @@ def make_example(
         "response": response,
         "weight": weight,
         "source": source,
+        "shared": shared,
     }
     if example_id is not None:
         fields["example_id"] = example_id
@@ -43,7 +46,8 @@ def make_example(
 
 
 def read_examples_file(settings: Settings, path: Path) -> list[ExampleEvent]:
-    """Examples from a JSONL file of {prompt, response[, tenant, weight, source, example_id]}.
+    """Examples from a JSONL file of {prompt, response[, tenant, weight, source, example_id,
+    shared]}.
 
     The whole file is checked before anything is published: one bad line rejects the file.
     """
@@ -52,7 +56,7 @@ def read_examples_file(settings: Settings, path: Path) -> list[ExampleEvent]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ExampleError(f"cannot read {path}: {exc}") from exc
     examples = []
-    allowed = {"prompt", "response", "tenant", "weight", "source", "example_id"}
+    allowed = {"prompt", "response", "tenant", "weight", "source", "example_id", "shared"}
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -78,6 +82,7 @@ def read_examples_file(settings: Settings, path: Path) -> list[ExampleEvent]:
                     weight=row.get("weight", 1.0),
                     source=row.get("source", "file"),
                     example_id=row.get("example_id"),
+                    shared=row.get("shared", False),
                 )
             )
         except ExampleError as exc:

@@ -1,9 +1,11 @@
-"""Adapter versions, their gate decisions, and which one is current.
+"""One scope's adapter versions, their gate decisions, and which one is current.
 
-The folders follow `models.adapters`' layout; `registry.json` beside them (written atomically)
-lists every version with its status and metrics, `current`, and the history of promotions that
+Each scope (a tenant, or `_house` for the shared house style) has its own registry: the folders
+follow `models.adapters`' layout, and `registry.json` beside them (written atomically) lists
+every version with its status and metrics, `current`, and the history of promotions that
 `rollback` walks back. A folder is complete only with its weights and `headwater.json`; nothing
-else can be promoted.
+else can be promoted. Promotions and rollbacks are announced on the adapters topic under the
+scope's key, so the query consumers switch that scope, and only that scope.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal
 
 from filelock import FileLock
@@ -25,13 +28,17 @@ from headwater.settings import Settings
 from models.adapters import (
     VERSION_RE,
     Manifest,
+    adapter_name,
     adapter_path,
     adapters_root,
+    announcement_key,
     is_complete,
     manifest_key,
+    name_of,
     pack,
+    scope_root,
     sha256,
-    version_of,
+    valid_scope,
 )
 from trainer.drift import atomic_write_json
 
@@ -63,12 +70,27 @@ class RegistryState(BaseModel):
 
 
 class Registry:
-    def __init__(self, settings: Settings) -> None:
+    """The registry of one scope (a tenant id, or `_house`)."""
+
+    def __init__(self, settings: Settings, scope: str) -> None:
         self.settings = settings
-        self.root = adapters_root(settings)
+        self.scope = scope
+        self.root = scope_root(settings, scope)  # ValueError unless a tenant id or _house
         self.root.mkdir(parents=True, exist_ok=True)
         self.path = self.root / "registry.json"
         self._lock = FileLock(str(self.root / "registry.lock"), timeout=120)
+
+    def folder(self, version: str) -> Path:
+        return adapter_path(self.settings, self.scope, version)
+
+    @staticmethod
+    def scopes(settings: Settings) -> list[str]:
+        """Every scope that has a registry, sorted."""
+        root = adapters_root(settings)
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if (p / "registry.json").is_file()
+                      and valid_scope(p.name))  # fmt: skip
 
     def load(self) -> RegistryState:
         if not self.path.exists():
@@ -122,7 +144,7 @@ class Registry:
             record = state.get(version)
             if record is None:
                 raise RegistryError(f"unknown version {version}")
-            if status in PROMOTABLE and not is_complete(adapter_path(self.settings, version)):
+            if status in PROMOTABLE and not is_complete(self.folder(version)):
                 status, reason = "failed", f"adapter files incomplete ({reason})"
             record.status = status
             record.reason = reason
@@ -135,7 +157,7 @@ class Registry:
         return record
 
     def _remove(self, version: str) -> None:
-        for folder in (adapter_path(self.settings, version), self.root / f".tmp-{version}"):
+        for folder in (self.folder(version), self.root / f".tmp-{version}"):
             shutil.rmtree(folder, ignore_errors=True)
 
     def cleanup(self) -> list[str]:
@@ -161,7 +183,7 @@ class Registry:
     def promote(self, version: str) -> AdapterAnnouncement:
         """Make `version` current (atomic registry write), then announce it."""
         self.make_current(version)
-        return announce(self.settings, version)
+        return announce(self.settings, self.scope, version)
 
     def make_current(self, version: str) -> None:
         """The registry half of `promote`: one atomic write, no announcement."""
@@ -172,7 +194,7 @@ class Registry:
                 raise RegistryError(f"unknown version {version}")
             if record.status not in PROMOTABLE:
                 raise RegistryError(f"{version} is {record.status}: only a finished run promotes")
-            if not is_complete(adapter_path(self.settings, version)):
+            if not is_complete(self.folder(version)):
                 raise RegistryError(f"{version}: adapter files are missing")
             state.current = version
             state.history.append(version)
@@ -188,12 +210,13 @@ class Registry:
                 state.history.pop()
             state.current = state.history[-1] if state.history else None
             self._save(state)
-        return state.current, announce(self.settings, state.current)
+        return state.current, announce(self.settings, self.scope, state.current)
 
     def listing(self) -> dict[str, object]:
-        """`headwater adapters list --json`: {"versions": [...], "current": ...}."""
+        """`headwater adapters list --json`: {"tenant", "versions": [...], "current"}."""
         state = self.load()
         return {
+            "tenant": self.scope,
             "versions": [
                 {**v.model_dump(mode="json"), "current": v.version == state.current}
                 for v in sorted(state.versions, key=lambda v: v.version)
@@ -202,31 +225,36 @@ class Registry:
         }
 
 
-def announce(settings: Settings, version: str | None) -> AdapterAnnouncement:
-    """Ship `version`'s files on the compacted adapters topic, announce it, retire the others.
+def announce(settings: Settings, scope: str, version: str | None) -> AdapterAnnouncement:
+    """Ship a scope's `version` on the compacted adapters topic, announce it, retire the scope's
+    other versions.
 
     In order, on the topic's single partition: the version's chunk records (unless a complete
     copy is live there already), its manifest once every chunk was acknowledged, the
-    announcement (key b"current", with the manifest's hash), then tombstones for every other
-    version (manifest first, so no reader finds a manifest whose chunks are going). Query
-    consumers on any host rebuild the folder from these records: no disk is shared.
+    announcement (key `current/<scope>`, with the manifest's hash), then tombstones for every
+    other version of this scope (manifest first, so no reader finds a manifest whose chunks are
+    going). Other scopes' records are never touched. Query consumers on any host rebuild the
+    folder from these records: no disk is shared.
     """
     live = _live_records(settings)
     manifest = None
     p = producer(settings, client_id="headwater-registry")
     try:
         if version is not None:
-            manifest = _ship(settings, p, version, live)
+            manifest = _ship(settings, p, scope, version, live)
         event = AdapterAnnouncement(
+            tenant=scope,
             version=version,
             base_model=settings.train_base_model,
             manifest_sha256=sha256(manifest.to_bytes()) if manifest else None,
         )
-        p.send(settings.adapters_topic, key=b"current", value=event.to_bytes()).get(timeout=60)
-        retired = _retire(settings, p, live, keep=version)
+        p.send(settings.adapters_topic, key=announcement_key(scope), value=event.to_bytes()).get(
+            timeout=60
+        )
+        retired = _retire(settings, p, live, scope, keep=version)
     finally:
         p.close()
-    log.info("announced adapter %s%s", version or "none (base model)",
+    log.info("announced %s adapter %s%s", scope, version or "none",
              f"; retired {', '.join(retired)}" if retired else "")  # fmt: skip
     return event
 
@@ -244,13 +272,15 @@ def _live_records(settings: Settings) -> dict[bytes, bytes]:
     return table
 
 
-def _ship(settings: Settings, p: KafkaProducer, version: str, live: dict[bytes, bytes]) -> Manifest:
-    folder = adapter_path(settings, version)
+def _ship(
+    settings: Settings, p: KafkaProducer, scope: str, version: str, live: dict[bytes, bytes]
+) -> Manifest:
+    folder = adapter_path(settings, scope, version)
     if not is_complete(folder):
-        raise RegistryError(f"{version}: adapter files are missing")
-    chunks, manifest = pack(folder, version)
+        raise RegistryError(f"{scope}/{version}: adapter files are missing")
+    chunks, manifest = pack(folder, scope, version)
     raw = manifest.to_bytes()
-    on_topic = live.get(manifest_key(version))
+    on_topic = live.get(manifest_key(scope, version))
     if (
         on_topic is not None
         and Manifest.model_validate_json(on_topic) == manifest
@@ -260,21 +290,25 @@ def _ship(settings: Settings, p: KafkaProducer, version: str, live: dict[bytes, 
     futures = [p.send(settings.adapters_topic, key=key, value=value) for key, value in chunks]
     for future in futures:  # every chunk acknowledged before the manifest that lists them
         future.get(timeout=120)
-    p.send(settings.adapters_topic, key=manifest_key(version), value=raw).get(timeout=60)
-    log.info("shipped adapter %s: %d files, %d bytes in %d records", version,
+    p.send(settings.adapters_topic, key=manifest_key(scope, version), value=raw).get(timeout=60)
+    log.info("shipped adapter %s: %d files, %d bytes in %d records", manifest.name,
              len(manifest.files), sum(f.size for f in manifest.files), len(chunks))  # fmt: skip
     return manifest
 
 
 def _retire(
-    settings: Settings, p: KafkaProducer, live: dict[bytes, bytes], keep: str | None
+    settings: Settings, p: KafkaProducer, live: dict[bytes, bytes], scope: str, keep: str | None
 ) -> list[str]:
-    old = sorted({v for key in live if (v := version_of(key)) is not None and v != keep})
+    """Tombstone the records of this scope's versions other than `keep` (only this scope's)."""
+    kept = adapter_name(scope, keep) if keep else None
+    mine = f"{scope}/"
+    old = sorted({n for key in live if (n := name_of(key)) is not None
+                  and n.startswith(mine) and n != kept})  # fmt: skip
     futures = []
-    for version in old:
-        keys = [k for k in live if version_of(k) == version]
+    for name in old:
+        keys = [k for k in live if name_of(k) == name]
         # The manifest goes first: a reader never holds a manifest whose chunks are gone.
-        keys.sort(key=lambda k: k != manifest_key(version))
+        keys.sort(key=lambda k: not k.endswith(b"/manifest"))
         futures += [p.send(settings.adapters_topic, key=k, value=None) for k in keys]
     for future in futures:
         future.get(timeout=120)

@@ -4,7 +4,10 @@ The parent (the scheduler or `headwater train`) writes JOBDIR/job.json with ever
 needs, starts this module with `launch` (killed after a bounded timeout) and reads
 JOBDIR/result.json. Running apart keeps the parent small and lets a stuck or runaway run be
 killed without harm: the adapter is written to `.tmp-<version>` and renamed to its final folder
-only once complete, and nothing is promoted here.
+only once complete, and nothing is promoted here. It also lets the parent put the run in the
+background: it runs niced with the training share of the thread budget, and `launch` stops it
+(SIGSTOP) while a `hold` callback says so (the indexer's backlog) and resumes it after (SIGCONT);
+paused time does not count toward the timeout.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class JobSpec(BaseModel):
     """Everything a run needs; no Settings or environment reach the training process."""
 
     version: str
+    scope: str = ""  # the tenant (or _house) whose adapter this is
     out_dir: str
     base_model: str  # name or path (settings.train_base_model)
     cache_dir: str  # where the default base model's converted weights live
@@ -59,6 +63,7 @@ class JobSpec(BaseModel):
     dtype: str = "auto"
     seed: int = 0
     threads: int = 0
+    nice: int = 0  # added to the run's OS niceness: it yields to indexing and answers
     trigger: str = ""
     drift: dict[str, Any] = Field(default_factory=dict)
 
@@ -132,7 +137,7 @@ def execute(job: JobSpec) -> dict[str, Any]:
 
     started = time.monotonic()
     if job.threads:
-        # On a busy machine fewer threads than cores can be several times faster.
+        # The training share of the machine's thread budget (headwater.threads).
         torch.set_num_threads(job.threads)
     torch.manual_seed(job.seed)
     dtype = pick_dtype(job.dtype)
@@ -197,6 +202,7 @@ def execute(job: JobSpec) -> dict[str, Any]:
         model.save_pretrained(tmp)
         meta = {
             "version": job.version,
+            "tenant": job.scope,
             "base_model": job.base_model,
             "parent": job.parent_version,
             "created": datetime.now(UTC).isoformat(),
@@ -253,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     job_dir: Path = args.job
+    # Before torch loads: an idle OpenMP pool must sleep, not spin on the cores we yield.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         job = JobSpec.model_validate_json((job_dir / "job.json").read_text())
         result = execute(job)
@@ -284,6 +292,8 @@ class Launch:
     returncode: int | None
     timed_out: bool
     seconds: float
+    paused_s: float = 0.0
+    pauses: int = 0
 
 
 def launch(
@@ -291,8 +301,13 @@ def launch(
     timeout_s: float,
     on_line: Callable[[str], None] | None = None,
     on_start: Callable[[subprocess.Popen], None] | None = None,
+    hold: Callable[[], str | None] | None = None,
+    check_s: float = 2.0,
+    on_hold: Callable[[str | None], None] | None = None,
 ) -> Launch:
-    """Run the job in a child process; kill it after timeout_s. Its output goes to run.log."""
+    """Run the job in a child process; kill it after timeout_s of running. Its output goes to
+    run.log. Every `check_s`, `hold()` may pause the run (a reason) or resume it (None);
+    `on_hold` hears each change."""
     started = time.monotonic()
     parent = ["--parent-pid", str(os.getpid())]
     with (job_dir / "run.log").open("a", encoding="utf-8") as logfile:
@@ -314,20 +329,75 @@ def launch(
 
         reader = threading.Thread(target=pump, name="trainer-run-output", daemon=True)
         reader.start()
+        _renice(proc.pid, job_dir)  # before anyone sees the run: it never competes at our priority
         if on_start is not None:
             on_start(proc)
+        clock = _RunClock()
         timed_out = False
         try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+            while True:
+                wait = timeout_s - clock.running_s
+                if wait <= 0:
+                    timed_out = True
+                    break
+                try:
+                    proc.wait(timeout=min(wait, check_s) if hold is not None else wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    clock.tick()
+                if hold is not None and clock.running_s < timeout_s:
+                    reason = hold()
+                    if bool(reason) != clock.paused:
+                        # A stopped process keeps its memory and gives back its cores at once.
+                        os.kill(proc.pid, signal.SIGSTOP if reason else signal.SIGCONT)
+                        clock.pause(bool(reason))
+                        log.info("run %s: %s", "paused" if reason else "resumed", reason or "")
+                        if on_hold is not None:
+                            on_hold(reason)
         finally:
             # Timeout, or the parent is being interrupted: never leave a run behind.
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
         reader.join(timeout=10)
-    return Launch(proc.returncode, timed_out, time.monotonic() - started)
+    return Launch(
+        proc.returncode, timed_out, time.monotonic() - started, round(clock.paused_s, 2),
+        clock.pauses,
+    )  # fmt: skip
+
+
+def _renice(pid: int, job_dir: Path) -> None:
+    """Lower the run's OS priority by the job's `nice` (relative to ours)."""
+    nice = JobSpec.model_validate_json((job_dir / "job.json").read_text()).nice
+    if nice:
+        try:
+            own = os.getpriority(os.PRIO_PROCESS, 0)
+            os.setpriority(os.PRIO_PROCESS, pid, min(19, own + nice))
+        except ProcessLookupError:
+            pass  # it is gone already; its exit code says why
+
+
+class _RunClock:
+    """Running and paused time of a run (only running time counts toward its timeout)."""
+
+    def __init__(self) -> None:
+        self.running_s = self.paused_s = 0.0
+        self.paused = False
+        self.pauses = 0
+        self._last = time.monotonic()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self.paused:
+            self.paused_s += now - self._last
+        else:
+            self.running_s += now - self._last
+        self._last = now
+
+    def pause(self, paused: bool) -> None:
+        self.tick()
+        self.paused = paused
+        self.pauses += paused
 
 
 if __name__ == "__main__":

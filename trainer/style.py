@@ -4,11 +4,14 @@ The rule is learned from the example responses themselves, so no one writes the 
 
 - **sign-off**: when at least half the (weighted) responses end with the same short last line,
   a generation must end with exactly that line (after stripping whitespace);
+- **opening**: likewise, when at least half start with the same short first line (a greeting),
+  a generation must start with exactly that line;
 - **JSON body**: when at least half the responses, without that sign-off line, parse as a JSON
   object, a generation's body must parse as a JSON object too.
 
 A generation scores the fraction of the profile's rules it meets; the adherence of a set of
 generations is the mean. A profile without rules has no adherence (the gate then uses loss only).
+Each tenant's profile is learned from its own examples only.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 MIN_SHARE = 0.5
-MAX_SIGN_OFF_CHARS = 80
+MAX_SIGN_OFF_CHARS = 80  # also the longest opening line
 MIN_SUPPORT = 3  # fewer examples than this say nothing about a style
 
 
@@ -34,11 +37,31 @@ def _is_json_object(text: str) -> bool:
         return False
 
 
+def _common_line(voted: list[tuple[str, float]], total: float, at: int, drop: str | None = None
+                 ) -> str | None:  # fmt: skip
+    """The short line at position `at` (0 first, -1 last) that at least MIN_SHARE of the weight
+    shares, after dropping a trailing `drop` line; a one-line answer has none (its only line is
+    the answer)."""
+    lines: Counter[str] = Counter()
+    for text, w in voted:
+        found = _lines(text)
+        if drop is not None and found and found[-1] == drop:
+            found = found[:-1]
+        if len(found) >= 2 and len(found[at]) <= MAX_SIGN_OFF_CHARS:
+            lines[found[at]] += w
+    if lines:
+        line, weight = lines.most_common(1)[0]
+        if weight / total >= MIN_SHARE:
+            return line
+    return None
+
+
 @dataclass(frozen=True)
 class StyleProfile:
     sign_off: str | None = None
     json_body: bool = False
     support: float = 0.0  # total weight of the responses learned from
+    opening: str | None = None
 
     @classmethod
     def learn(cls, responses: Iterable[tuple[str, float]]) -> StyleProfile:
@@ -47,30 +70,30 @@ class StyleProfile:
         total = sum(w for _, w in voted)
         if len(voted) < MIN_SUPPORT or total <= 0:
             return cls(support=total)
-        endings: Counter[str] = Counter()
-        for text, w in voted:
-            lines = _lines(text)
-            # A one-line answer has no sign-off: its last line is the answer.
-            if len(lines) >= 2 and len(lines[-1]) <= MAX_SIGN_OFF_CHARS:
-                endings[lines[-1]] += w
-        sign_off = None
-        if endings:
-            line, weight = endings.most_common(1)[0]
-            if weight / total >= MIN_SHARE:
-                sign_off = line
-        probe = cls(sign_off=sign_off)
+        sign_off = _common_line(voted, total, -1)
+        opening = _common_line(voted, total, 0, drop=sign_off)  # a greeting needs a body after
+        probe = cls(sign_off=sign_off, opening=opening)
         json_weight = sum(w for text, w in voted if _is_json_object(probe.body(text)))
-        return cls(sign_off=sign_off, json_body=json_weight / total >= MIN_SHARE, support=total)
+        return cls(
+            sign_off=sign_off,
+            json_body=json_weight / total >= MIN_SHARE,
+            support=total,
+            opening=opening,
+        )
 
     @property
     def rules(self) -> list[str]:
-        return [r for r, on in (("sign_off", self.sign_off), ("json_body", self.json_body)) if on]
+        named = (("sign_off", self.sign_off), ("json_body", self.json_body),
+                 ("opening", self.opening))  # fmt: skip
+        return [r for r, on in named if on]
 
     def body(self, text: str) -> str:
-        """The text without a trailing sign-off line."""
+        """The text without a leading opening line and a trailing sign-off line."""
         lines = text.strip().splitlines()
         if self.sign_off and lines and lines[-1].strip() == self.sign_off:
             lines = lines[:-1]
+        if self.opening and lines and lines[0].strip() == self.opening:
+            lines = lines[1:]
         return "\n".join(lines).strip()
 
     def score(self, text: str) -> float | None:
@@ -84,6 +107,9 @@ class StyleProfile:
             met += bool(lines) and lines[-1] == self.sign_off
         if self.json_body:
             met += _is_json_object(self.body(text))
+        if self.opening:
+            lines = _lines(text)
+            met += bool(lines) and lines[0] == self.opening
         return met / len(rules)
 
     def adherence(self, texts: Iterable[str]) -> float | None:

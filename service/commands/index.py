@@ -9,6 +9,7 @@ import sys
 from headwater.errors import InvalidInput, Timeout
 from headwater.runtime.shutdown import stop_on_signals
 from headwater.settings import Settings
+from headwater.threads import use_threads
 from service.commands import remote
 from service.commands.stack import require_stack
 from service.running import add_service_args, service, with_args
@@ -51,6 +52,7 @@ def _indexer(settings: Settings, args: argparse.Namespace) -> int:
 
     settings = with_args(settings, args)
     require_stack(settings)
+    use_threads(settings, "embed")
     stop = stop_on_signals()
     with service(settings, insecure=args.insecure):
         Indexer(settings).run(stop)

@@ -9,6 +9,7 @@ from typing import Any
 
 from headwater.runtime.shutdown import stop_on_signals
 from headwater.settings import Settings
+from headwater.threads import use_threads
 from service.commands import remote
 from service.running import add_service_args, service, with_args
 
@@ -121,6 +122,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"api_port": args.port})
     if not args.insecure:
         guard_api(settings, insecure=False)  # before anything is loaded: fail fast
+    use_threads(settings, "embed")  # searches embed the question
     with service(settings, insecure=args.insecure, group=False) as health:
         serve(build_app(settings, health=health), settings, insecure=args.insecure)
     return 0
@@ -133,6 +135,7 @@ def _answerer(settings: Settings, args: argparse.Namespace) -> int:
 
     settings = with_args(settings, args)
     stop = stop_on_signals()
+    use_threads(settings, "generate")
     with service(settings, insecure=args.insecure) as health, open_index(settings) as index:
         answerer = Answerer(settings, index.searcher, load_generator(settings))
         if answerer.follower is not None:
@@ -147,6 +150,7 @@ def _standing(settings: Settings, args: argparse.Namespace) -> int:
 
     settings = with_args(settings, args)
     stop = stop_on_signals()
+    use_threads(settings, "embed")
     with service(settings, insecure=args.insecure), open_index(settings) as index:
         StandingMatcher(settings, index.embedder, index.store).run(stop)
     return 0
