@@ -41,11 +41,19 @@ from headwater.errors import (
     UnknownTenantError,
     public_message,
 )
-from headwater.events import TENANT_RE, AnswerEvent, ChatTurn, Hit, QueryEvent, parse_query
+from headwater.events import (
+    HOUSE,
+    TENANT_RE,
+    AnswerEvent,
+    ChatTurn,
+    Hit,
+    QueryEvent,
+    parse_query,
+)
 from headwater.runtime.outbox import Outbox
 from headwater.runtime.pool import PoolLoop
 from headwater.settings import Settings
-from models.adapters import adapter_path, valid_version
+from models.adapters import adapter_path, parse_name
 
 log = logging.getLogger(__name__)
 
@@ -284,16 +292,16 @@ class Answerer:
             reply.token(NO_PASSAGES)
             return None, time.monotonic(), {"prompt_tokens": 0, "completion_tokens": 1}, "stop"
         generation: Generation | None = None
+        adapter: str | None = None
         # Extractive answers count their pieces as tokens, up to the same limits.
         limit = min(query.max_tokens or self.settings.max_new_tokens,
                     self.settings.max_new_tokens)  # fmt: skip
         if self.generator is None:
             pieces: Iterable[str] = extractive_answer([h.text for h in hits])
-            adapter = None
         else:
             prompt = build_prompt(query.text, hits, self.settings.prompt_max_chars, query.history)
             generation = self._generation(query, prompt)
-            pieces, adapter, limit = generation, generation.adapter, generation.max_new_tokens
+            pieces, limit = generation, generation.max_new_tokens
         sent, cut = 0, False
         try:
             for piece in pieces:
@@ -313,29 +321,34 @@ class Answerer:
         finally:
             close = getattr(pieces, "close", None)
             if close is not None:
-                close()  # stops the model when the answer ends early
+                close()  # takes the answer out of the decoding batch when it ends early
         if generation is None:
             usage = {"prompt_tokens": 0, "completion_tokens": sent}
         else:
+            # Read at the end: an adapter that failed to load was replaced by its fallback.
+            adapter = generation.adapter
             usage = {"prompt_tokens": generation.prompt_tokens,
                      "completion_tokens": generation.completion_tokens}  # fmt: skip
             cut = generation.completion_tokens >= limit
         return adapter, first, usage, "length" if cut else "stop"
 
     def _generation(self, query: QueryEvent, prompt: list[dict[str, str]]) -> Generation:
-        """Start the generation: the current adapter, or the version the query names."""
+        """Start the generation: the tenant's adapter (else the house one, else the base model),
+        or the adapter the query names, which must be the tenant's own or the house's."""
         assert self.generator is not None
         options = {"max_new_tokens": query.max_tokens, "temperature": query.temperature}
-        if query.adapter is None or query.adapter == self.generator.current:
-            return self.generator.stream(prompt, **options)
-        if not valid_version(query.adapter):
-            raise GenerationError(f"not an adapter version: {query.adapter[:64]!r}")
-        # Loaded for this generation only: released (unloaded once idle) unless it is current.
-        self.generator.load_adapter(query.adapter, adapter_path(self.settings, query.adapter))
+        if query.adapter is None:
+            return self.generator.stream(prompt, tenant=query.tenant, **options)
         try:
-            return self.generator.stream(prompt, query.adapter, **options)
-        finally:
-            self.generator.release(query.adapter)
+            scope, version = parse_name(query.adapter)
+        except ValueError:
+            scope = version = None
+        if scope not in (query.tenant, HOUSE) or version is None:
+            # Another tenant's adapter is as unknown here as one that does not exist.
+            raise GenerationError(f"no such adapter for this tenant: {query.adapter[:100]!r}")
+        # Loaded on first use; kept while hot, like every adapter (LRU within the budget).
+        self.generator.offer(query.adapter, adapter_path(self.settings, scope, version))
+        return self.generator.stream(prompt, adapter=query.adapter, **options)
 
     def _reply_topic(self, query: QueryEvent) -> str:
         return reply_topic_for(self.settings, query.reply_topic)

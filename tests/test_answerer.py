@@ -24,7 +24,7 @@ from headwater.runtime.clients import admin, consumer, producer
 from headwater.settings import Settings
 from index.search import Searcher
 from index.store import ChunkStore
-from models.adapters import adapters_root
+from models.adapters import adapters_root, announcement_key
 from producers.publisher import DocumentPublisher
 from service.cli import main
 from tests.test_generation import (
@@ -233,40 +233,42 @@ def test_adapter_swap_while_twenty_queries_stream(stack: Stack, tmp_path):
     token = stack.publisher.upsert("handbook.md", HANDBOOK_V2)
     assert stack.searcher.search("vacation", tenant="default", token=token)
     generator = tiny_generator(max_new_tokens=16)
-    paths = tiny_adapters(adapters_root(s), generator.tokenizer, versions=(V1, V2))
+    paths = tiny_adapters(adapters_root(s) / "default", generator.tokenizer, versions=(V1, V2))
+    n1, n2 = f"default/{V1}", f"default/{V2}"
 
     def announce(version: str) -> None:
         p = producer(s)
-        ann = AdapterAnnouncement(version=version, uri=str(paths[version]), base_model="tiny")
-        p.send(s.adapters_topic, key=b"current", value=ann.to_bytes()).get(30)
+        ann = AdapterAnnouncement(tenant="default", version=version, base_model="tiny")
+        p.send(s.adapters_topic, key=announcement_key("default"), value=ann.to_bytes()).get(30)
         p.close()
 
     announce(V1)
     stack.start_answerer(generator)
-    assert _wait(lambda: generator.current == V1)
-    # Loading needs the model to itself; have v2 on hand so that the swap itself can happen
-    # while a generation is held inside the model (the follower's load is then a no-op).
-    generator.load_adapter(V2, paths[V2])
-    gate = Gate(generator.base)  # the first generation is held inside the model
+    assert _wait(lambda: generator.current("default") == n1)
+    # Loading needs the model between two steps; have v2 on hand so that the swap itself can
+    # happen while a step is held inside the model (the follower's load is then a no-op).
+    generator.load_adapter(n1)
+    generator.load_adapter(n2, paths[V2])
+    gate = Gate(generator.base)  # the first step is held inside the model
     question = "How many vacation days do employees get?"
     streams = [stack.client.ask(question, timeout=120) for _ in range(20)]
     assert gate.entered.wait(60)
     announce(V2)
-    assert _wait(lambda: generator.current == V2)
+    assert _wait(lambda: generator.current("default") == n2)
     gate.release()
     answers = [_events(st) for st in streams]
     finals = [a[-1] for a in answers]
     assert [f.kind for f in finals] == ["done"] * 20, [f.error for f in finals]
     used = [f.adapter_version for f in finals]
-    assert V1 in used and V2 in used and set(used) == {V1, V2}
-    assert used.count(V1) <= s.query_workers  # only queries already generating kept v1
-    # Each answer is exactly what its adapter generates for that prompt: no mixing mid-stream.
-    generator.load_adapter(V1, paths[V1])
+    assert n1 in used and n2 in used and set(used) == {n1, n2}
+    assert used.count(n1) <= s.query_workers  # only queries already generating kept v1
+    # Each answer is exactly what its adapter generates for that prompt alone: no mixing.
+    generator.load_adapter(n1, paths[V1])
     for events in answers:
         assert sum(e.kind == "token" for e in events) >= 2
         prompt = build_prompt(question, events[0].hits, s.prompt_max_chars)
         text = "".join(e.text for e in events if e.kind == "token")
-        assert text == "".join(generator.stream(prompt, events[-1].adapter_version))
+        assert text == "".join(generator.stream(prompt, adapter=events[-1].adapter_version))
 
 
 def test_cli_ask_prints_the_answer_then_sources(stack: Stack, monkeypatch, capsys):

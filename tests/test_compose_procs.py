@@ -222,12 +222,13 @@ def train_and_serve_everywhere(run: ComposeRun) -> str:
     version = listing["versions"][-1]["version"]
     if listing["current"] != version:  # the gate said no: promote by hand, it still ships
         assert run.exec("trainer", "adapters", "promote", version).returncode == 0
-    trained = adapter_path(Settings(data_dir=run.of("trainer")[0].data_dir), version)
+    trained = adapter_path(Settings(data_dir=run.of("trainer")[0].data_dir), "default", version)
+    name = f"default/{version}"  # what answerers load and report it as
     for proc in run.of("answerer"):
-        fetched = adapter_path(Settings(data_dir=proc.data_dir), version)
+        fetched = adapter_path(Settings(data_dir=proc.data_dir), "default", version)
 
         def served(proc=proc) -> bool:
-            return f'headwater_adapter_swaps_total{{version="{version}"}}' in run.metrics(proc)
+            return f'headwater_adapter_swaps_total{{version="{name}"}}' in run.metrics(proc)
 
         assert _until(served, 180), f"{proc.name} does not serve {version}: {proc.tail()}"
         assert fetched != trained
@@ -236,7 +237,7 @@ def train_and_serve_everywhere(run: ComposeRun) -> str:
     headers = {"Authorization": f"Bearer {run.api_token}"}
     with httpx.Client(base_url=run.api, headers=headers, timeout=300) as http:
         events = _ask(http, "When does the night ferry leave?")
-    assert events[-1]["kind"] == "done" and events[-1]["adapter_version"] == version, events[-1]
+    assert events[-1]["kind"] == "done" and events[-1]["adapter_version"] == name, events[-1]
     return version
 
 

@@ -17,7 +17,7 @@ from headwater.progress import Progress
 from headwater.runtime.clients import admin, producer
 from headwater.runtime.deadletter import DeadLetter, DeadLetters
 from headwater.topics import ensure_topics
-from models.adapters import adapters_root
+from models.adapters import adapters_root, announcement_key
 from tests.chaos import IndexerThread, kill_daemon, private_broker, read_topic
 from tests.indexing import send
 from tests.test_generation import V1, V2, one_torch_thread, tiny_adapters, tiny_generator
@@ -80,8 +80,8 @@ class _Searcher:
 
 def _announce(settings, version: str) -> None:
     p = producer(settings)
-    event = AdapterAnnouncement(version=version, base_model="tiny")
-    p.send(settings.adapters_topic, key=b"current", value=event.to_bytes()).get(30)
+    event = AdapterAnnouncement(tenant="default", version=version, base_model="tiny")
+    p.send(settings.adapters_topic, key=announcement_key("default"), value=event.to_bytes()).get(30)
     p.close()
 
 
@@ -99,7 +99,7 @@ def test_follower_and_query_client_recover_from_a_broker_outage(settings, tmp_pa
         own = own.model_copy(update={"query_timeout_s": 120.0})
         ensure_topics(own)
         generator = tiny_generator(max_new_tokens=4)
-        tiny_adapters(adapters_root(own), generator.tokenizer, versions=(V1, V2))
+        tiny_adapters(adapters_root(own) / "default", generator.tokenizer, versions=(V1, V2))
         _announce(own, V1)
         stop = threading.Event()
         follower = AdapterFollower(own, generator)
@@ -110,7 +110,7 @@ def test_follower_and_query_client_recover_from_a_broker_outage(settings, tmp_pa
             t.start()
         client = QueryClient(own)
         try:
-            assert follower.ready.wait(60) and generator.current == V1
+            assert follower.ready.wait(60) and generator.current("default") == f"default/{V1}"
             assert answerer.ready.wait(60)
             assert [h.chunk_id for h in client.search("rivers?")] == ["c1"]
 
@@ -119,7 +119,9 @@ def test_follower_and_query_client_recover_from_a_broker_outage(settings, tmp_pa
             broker.start()
 
             _announce(own, V2)
-            assert _until(lambda: generator.current == V2, 120), "the follower did not recover"
+            assert _until(lambda: generator.current("default") == f"default/{V2}", 120), (
+                "the follower did not recover"
+            )
             assert [h.chunk_id for h in client.search("rivers?")] == ["c1"]
             events = list(client.ask("rivers again?"))
             assert events[-1].kind == "done", events[-1]
