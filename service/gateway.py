@@ -8,6 +8,9 @@ Milvus or Kafka message (those go to the log). Concurrent searches, answer strea
 notification streams are bounded per tenant and overall (`service.admission`): over a bound a
 request gets 429 with Retry-After at once, and `/healthz` never waits behind them.
 
+The adapter routes (examples, drift, train, list, promote, rollback) live in
+`service.routes.adapters` on this module's tenant dependency.
+
 Tenancy is decided here, never by the caller's data: a token from `api_tokens` is bound to one
 tenant (an `X-Tenant` naming another is refused); the single `api_token` (or no auth at all)
 picks the tenant with `X-Tenant`, default `default_tenant`. Searches filter by that tenant and
@@ -54,6 +57,7 @@ from service.admission import Admission
 from service.routes import documents as documents_routes
 from service.routes import events as events_routes
 from service.routes import openai_compat as openai_routes
+from service.routes.adapters import AdapterAdmin, adapter_router
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +133,7 @@ def create_app(
     publisher: Any,
     query_client: Any,
     subscriptions: Any = None,
+    adapters: Any = None,
     registry: CollectorRegistry = REGISTRY,
     on_shutdown: list[Callable[[], None]] | None = None,
     health: Health | None = None,
@@ -184,6 +189,7 @@ def create_app(
         )
 
     def tenant_of(
+        request: Request,
         authorization: Annotated[str | None, Header()] = None,
         x_tenant: Annotated[str | None, Header()] = None,
     ) -> str:
@@ -212,6 +218,7 @@ def create_app(
             tenant = settings.default_tenant if x_tenant is None else x_tenant
         if not re.fullmatch(TENANT_RE, tenant) or not settings.tenant_known(tenant):
             raise HTTPException(403, f"unknown tenant {tenant[:64]!r}")
+        request.state.token_bound = fixed is not None  # may it act beyond its tenant? no
         return tenant
 
     Tenant = Annotated[str, Depends(tenant_of)]
@@ -418,6 +425,7 @@ def create_app(
             models=models or (lambda tenant: [settings.generator or "extractive"]), asks=asks,
         )
     )  # fmt: skip
+    app.include_router(adapter_router(tenant_of, adapters, _fail))
 
     # -- operations --------------------------------------------------------------------------
     def _probe(ok: bool, results: dict) -> JSONResponse:
@@ -478,6 +486,7 @@ def build_app(settings: Settings, *, embedder: Any = None, health: Health | None
         publisher=publisher,
         query_client=query_client,
         subscriptions=subscriptions,
+        adapters=AdapterAdmin(settings),
         on_shutdown=[query_client.close, subscriptions.close, publisher.close, index.close],
         health=health,
         models=openai_routes.adapter_models(settings),

@@ -112,27 +112,31 @@ def test_tokens_tenants_and_errors(live_app, written):
 
 
 def test_adapter_versions_are_models_and_answer_when_named(live_app, written):
-    """Last in this module: it registers an adapter version, a new model id."""
+    """Last in this module: it registers adapter versions, new model ids (tenant a's only)."""
     from models.adapters import adapter_path
     from tests.test_generation import tiny_adapters, tiny_tokenizer
     from trainer.registry import Registry
 
-    registry = Registry(live_app.settings)
-    version = registry.begin(None, "test")
-    folder = adapter_path(live_app.settings, version)
-    tiny_adapters(folder.parent, tiny_tokenizer(), versions=(version,))  # a random LoRA
-    (folder / "headwater.json").write_text("{}")
-    registry.finish(version, "accepted", "test")
+    def register(tenant: str) -> str:
+        registry = Registry(live_app.settings, tenant)
+        version = registry.begin(None, "test")
+        folder = adapter_path(live_app.settings, tenant, version)
+        tiny_adapters(folder.parent, tiny_tokenizer(), versions=(version,))  # a random LoRA
+        (folder / "headwater.json").write_text("{}")
+        registry.finish(version, "accepted", "test")
+        return f"{tenant}/{version}"
 
+    name, bs = register("a"), register("b")
     ai = openai.OpenAI(base_url=f"{live_app.url}/v1", api_key="tok-a")
-    assert [m.id for m in ai.models.list()] == [live_app.model, version]
+    assert [m.id for m in ai.models.list()] == [live_app.model, name]  # never b's
     messages = [{"role": "user", "content": "When does the Aurora ferry leave?"}]
     base = ai.chat.completions.create(model=live_app.model, messages=messages, max_tokens=8)
-    styled = ai.chat.completions.create(model=version, messages=messages, max_tokens=8)
+    styled = ai.chat.completions.create(model=name, messages=messages, max_tokens=8)
     assert base.model_extra["headwater"]["adapter_version"] is None
-    assert styled.model_extra["headwater"]["adapter_version"] == version
-    assert styled.model == version
+    assert styled.model_extra["headwater"]["adapter_version"] == name
+    assert styled.model == name
     assert styled.choices[0].message.content != base.choices[0].message.content
-    # Loaded for that answer only: the current (base) model still serves, the version is gone.
-    assert live_app.answerer.generator.current is None
-    assert version not in live_app.answerer.generator.loaded
+    # Named, not promoted: tenant a's current adapter is still none.
+    assert live_app.answerer.generator.current("a") is None
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        ai.chat.completions.create(model=bs, messages=messages, max_tokens=8)  # b's adapter

@@ -1,4 +1,8 @@
-"""CLI commands for retraining: `example add`, `drift`, `train`, `trainer`, `adapters`."""
+"""CLI commands for retraining: `example add`, `drift`, `train`, `trainer`, `adapters`.
+
+Every tenant has its own drift and adapters; `--tenant` picks one (`_house` is the shared
+house-style adapter).
+"""
 
 from __future__ import annotations
 
@@ -28,14 +32,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--response", help="the answer in the wanted style (with --prompt)")
     add.add_argument("--tenant", help="tenant (default: settings.default_tenant)")
     add.add_argument("--weight", type=float, default=1.0, help="sampling weight (default 1)")
+    add.add_argument("--shared", action="store_true", help="teach the shared house-style adapter")
     add.set_defaults(func=_clear_errors(_example_add))
 
-    drift = sub.add_parser("drift", help="data drift since the current adapter")
-    drift.add_argument("--json", action="store_true", help="a flat JSON object")
+    drift = sub.add_parser("drift", help="each tenant's drift since its adapter, and the queue")
+    drift.add_argument("--tenant", help="one tenant (or _house)")
+    drift.add_argument("--json", action="store_true", help="a JSON object")
     drift.set_defaults(func=_clear_errors(_drift))
 
     train = sub.add_parser("train", help="check the retraining policy once, or force a run")
     train.add_argument("--now", action="store_true", help="run now, whatever the policy says")
+    train.add_argument("--tenant", help="whose adapter --now trains (default: default tenant)")
     train.set_defaults(func=_clear_errors(_train))
 
     trainer = sub.add_parser("trainer", help="run the retraining scheduler until SIGTERM")
@@ -45,13 +52,27 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     adapters = sub.add_parser("adapters", help="adapter versions: list, promote, rollback")
     ad_sub = adapters.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = ad_sub.add_parser("list", help="every trained version and the current one")
-    ls.add_argument("--json", action="store_true", help='{"versions": [...], "current": ...}')
+    ls.add_argument("--tenant", help="one tenant (or _house): its versions and pending drift")
+    ls.add_argument("--json", action="store_true", help='{"tenant", "versions", "current", ...}')
     ls.set_defaults(func=_clear_errors(_adapters_list))
     promote = ad_sub.add_parser("promote", help="make a finished version current and announce it")
     promote.add_argument("version")
+    promote.add_argument("--tenant", help="whose adapter (default: settings.default_tenant)")
     promote.set_defaults(func=_clear_errors(_adapters_promote))
     rollback = ad_sub.add_parser("rollback", help="back to the previously promoted version")
+    rollback.add_argument("--tenant", help="whose adapter (default: settings.default_tenant)")
     rollback.set_defaults(func=_clear_errors(_adapters_rollback))
+
+
+def scope_of(settings: Settings, tenant: str | None) -> str:
+    """A known tenant (default: the default tenant) or `_house`; UnknownTenantError otherwise."""
+    from headwater.errors import UnknownTenantError
+    from models.adapters import HOUSE, valid_scope
+
+    scope = tenant or settings.default_tenant
+    if scope != HOUSE and not (valid_scope(scope) and settings.tenant_known(scope)):
+        raise UnknownTenantError(f"unknown tenant {scope[:64]!r}")
+    return scope
 
 
 def _fail(message: str) -> int:
@@ -88,26 +109,45 @@ def _example_add(settings: Settings, args: argparse.Namespace) -> int:
     else:
         if args.response is None:
             return _fail("--prompt needs --response")
-        examples = [make_example(settings, args.prompt, args.response, args.tenant, args.weight)]
+        examples = [
+            make_example(
+                settings, args.prompt, args.response, args.tenant, args.weight, shared=args.shared
+            )
+        ]
     n = publish_examples(settings, examples)
     print(f"published {n} example{'s' * (n != 1)} on {settings.examples_topic}")
     return 0
 
 
 def _drift(settings: Settings, args: argparse.Namespace) -> int:
-    from trainer.drift import DriftTracker
+    from trainer.status import drift_report
 
-    figures = DriftTracker(settings).update()
+    scope = scope_of(settings, args.tenant) if args.tenant else None
+    report = drift_report(settings, scope)
     if args.json:
-        print(json.dumps(figures.flat()))
+        print(json.dumps(report))
         return 0
-    table = Table(title=f"Drift since the current adapter (since {figures.since:%Y-%m-%d %H:%M})")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for key, value in figures.flat().items():
-        if key != "since":
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    rows = {scope: report} if scope else report["tenants"]
+    console = Console()
+    for name, fig in rows.items():
+        position = fig["queue_position"]
+        turn = "" if position is None else f", #{position} in the queue"
+        table = Table(title=f"{name}: drift since its adapter ({fig['reason']}{turn})")
+        table.add_column("figure")
+        table.add_column("value", justify="right")
+        for key, value in fig.items():
+            figure = isinstance(value, int | float) and not isinstance(value, bool)
+            if figure and key not in ("queue_position", "queue_length"):
+                table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        console.print(table)
+    if not rows:
+        console.print("no drift yet")
+    fresh, sched = report["freshness"], report["scheduler"]
+    console.print(f"indexer lag {fresh['index_lag']} (max {fresh['max_index_lag']})"
+                  + (f": {fresh['hold']}" if fresh["hold"] else ""), markup=False)  # fmt: skip
+    if sched.get("checked"):
+        console.print(f"scheduler ({sched['checked'][:19]}): {sched['action']} {sched['reason']}",
+                      markup=False)  # fmt: skip
     return 0
 
 
@@ -116,17 +156,23 @@ def _train(settings: Settings, args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     service = TrainerService(settings, on_line=lambda line: console.print(line, markup=False))
-    if args.now:
-        figures = service.tracker.update()
-        outcome = service.train("forced (headwater train --now)", figures)
-    else:
-        outcome = service.check()
+    try:
+        if args.now:
+            scope = scope_of(settings, args.tenant)
+            figures = service.tracker.update()
+            outcome = service.train(scope, "forced (headwater train --now)", figures.get(scope))
+        else:
+            if args.tenant:
+                return _fail("--tenant goes with --now (a check plans every tenant)")
+            outcome = service.check()
+    finally:
+        service.backlog.close()
     if outcome is None:
         decision = service.last_decision
         print(f"no run: {decision.reason if decision else 'policy says wait'}")
         return 0
     verb = "promoted" if outcome.promoted else outcome.status
-    print(f"{outcome.version} {verb}: {outcome.reason}")
+    print(f"{outcome.tenant}/{outcome.version} {verb}: {outcome.reason}")
     return 0 if outcome.status != "failed" else 1
 
 
@@ -154,12 +200,26 @@ def _trainer(settings: Settings, args: argparse.Namespace) -> int:
 
 def _adapters_list(settings: Settings, args: argparse.Namespace) -> int:
     from trainer.registry import Registry
+    from trainer.status import adapters_report
 
-    listing = Registry(settings).listing()
+    if args.tenant:
+        listings = [adapters_report(settings, scope_of(settings, args.tenant))]
+    else:
+        listings = [Registry(settings, s).listing() for s in Registry.scopes(settings)]
     if args.json:
-        print(json.dumps(listing))
+        print(json.dumps(listings[0] if args.tenant else {"tenants": listings}))
         return 0
-    table = Table(title=f"Adapters (current: {listing['current'] or 'none, base model'})")
+    console = Console()
+    for listing in listings:
+        _print_listing(console, listing)
+    if not listings:
+        console.print("no adapters yet")
+    return 0
+
+
+def _print_listing(console: Console, listing: dict) -> None:
+    current = listing["current"] or "none"
+    table = Table(title=f"{listing['tenant']}: adapters (current: {current})")
     for col in ("version", "status", "created", "adherence", "loss"):
         table.add_column(col, no_wrap=True)
     for v in listing["versions"]:
@@ -172,25 +232,31 @@ def _adapters_list(settings: Settings, args: argparse.Namespace) -> int:
             "" if adherence is None else f"{adherence:.2f}",
             "" if loss is None else f"{loss:.3f}",
         )
-    console = Console()
     console.print(table)
     for v in listing["versions"]:
         if v["reason"]:
             console.print(f"{v['version']}: {v['reason']}", markup=False, soft_wrap=True)
-    return 0
+    pending = listing.get("pending")
+    if pending:
+        where = pending["queue_position"]
+        console.print(f"pending: {pending['examples']} examples, {pending['changed_docs']} "
+                      f"changed documents; {pending['reason']}"
+                      + (f" (#{where} in the queue)" if where else ""), markup=False)  # fmt: skip
 
 
 def _adapters_promote(settings: Settings, args: argparse.Namespace) -> int:
     from trainer.registry import Registry
 
-    Registry(settings).promote(args.version)
-    print(f"current adapter: {args.version}")
+    scope = scope_of(settings, args.tenant)
+    Registry(settings, scope).promote(args.version)
+    print(f"{scope}: current adapter {args.version}")
     return 0
 
 
 def _adapters_rollback(settings: Settings, args: argparse.Namespace) -> int:
     from trainer.registry import Registry
 
-    current, _ = Registry(settings).rollback()
-    print(f"current adapter: {current or 'none (base model)'}")
+    scope = scope_of(settings, args.tenant)
+    current, _ = Registry(settings, scope).rollback()
+    print(f"{scope}: current adapter {current or 'none'}")
     return 0

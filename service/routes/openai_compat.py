@@ -7,7 +7,8 @@ cap). Streamed (`stream: true`) it sends `chat.completion.chunk` objects and `da
 otherwise one `chat.completion`. The citations travel in an extra top-level field `citations`
 (the first chunk of a stream; the response otherwise), which plain OpenAI clients ignore, and
 `headwater` carries the query id and the adapter that answered. `model` is one of `/v1/models`:
-the base model's id answers with the current adapter, an adapter version's id with that version.
+the base model's id answers with the tenant's current adapter, an adapter's id (its name,
+`<tenant>/<version>`: the tenant's own or the house's) with that adapter.
 A freshness token can be given as the extra body field `token` (`extra_body={"token": ...}` in
 the openai SDK).
 
@@ -296,16 +297,20 @@ def _json(value: Any) -> str:
 
 
 def adapter_models(settings: Settings) -> Callable[[str], list[str]]:
-    """Model ids: the base generator first, then the adapter versions that can serve.
-
-    The registry holds one adapter line for every tenant today, so every tenant sees the same.
-    """
+    """Model ids of a tenant: the base generator first, then its own adapters that can serve and
+    the shared house adapters, by name (`<tenant>/<version>`, `_house/<version>`)."""
 
     def ids(tenant: str) -> list[str]:
+        from models.adapters import HOUSE, adapter_name
         from trainer.registry import PROMOTABLE, Registry
 
         base = settings.generator or "extractive"
-        versions = [v.version for v in Registry(settings).load().versions if v.status in PROMOTABLE]
-        return [base, *sorted(versions)]
+        names = [
+            adapter_name(scope, v.version)
+            for scope in (tenant, HOUSE)
+            for v in Registry(settings, scope).load().versions
+            if v.status in PROMOTABLE
+        ]
+        return [base, *sorted(names)]
 
     return ids
