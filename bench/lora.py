@@ -101,6 +101,7 @@ def refresh(
     doc_texts: list[str], steps: int | None = None, gate_tokens: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """One training run as the scheduler builds it, in its own process; its figures."""
+    from headwater.threads import budget
     from trainer.dataset import plan_steps
     from trainer.run import JobSpec, launch, read_result
     from trainer.style import StyleProfile
@@ -127,7 +128,7 @@ def refresh(
         gate_max_new_tokens=gate_tokens or s.gate_max_new_tokens,
         dtype=s.train_dtype,
         seed=s.train_seed,
-        threads=s.train_threads,
+        threads=budget(s).train,
         trigger="bench",
     )
     (job_dir / "job.json").write_text(job.model_dump_json())

@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.common import DEFAULT_OUT, REPO
 
-NAMES = ("freshness", "ingest", "incremental", "query", "lora", "chunking")
+NAMES = ("freshness", "ingest", "incremental", "query", "lora", "answers", "adapters", "chunking")
 MARKER = "<!-- notes: hand-written below this line; `headwater bench report` keeps it -->"
 
 
@@ -54,7 +54,8 @@ def write(out: Path) -> Path:
         "has 2 cores shared with other work, so absolute numbers move from run to run and "
         "only same-run comparisons are meaningful. Targets: freshness p99 ≤ 2 s, ingest ≥ "
         "0.9 × bare embedder, incremental ≤ 0.1 × whole-document embeddings, query p99 ≤ 30 "
-        "ms at 100k chunks, chunking of hostile Markdown ≤ 3 × ordinary Markdown's s/MB.",
+        "ms at 100k chunks, chunking of hostile Markdown ≤ 3 × ordinary Markdown's s/MB, 8 "
+        "concurrent answers ≥ 4 × the tokens/s of one.",
         "",
     ]
     for folder, title in sections:
@@ -170,6 +171,30 @@ def _summary(name: str, d: dict[str, Any]) -> list[str]:
             f"| LoRA refresh (no target) | {runs} | adapter swap: "
             f"{_num(swap.get('first_ms'))} ms first, ≤ {_num(swap.get('later_max_ms'))} ms later"
             f" | n/a |"
+        ]
+    if name == "answers":
+        by = d["by_concurrency"]
+        top = max(by, key=int)
+        return [
+            f"| {top} concurrent answers ≥ 4 × one | **{_num(by[top]['tokens_per_s'])} tokens/s**"
+            f" ({top} at once, first token p50 {_num(by[top]['first_token_p50_s'])} s) | one at "
+            f"a time: {_num(by['1']['tokens_per_s'])} tokens/s → ratio **{_num(d['speedup'])}**;"
+            f" decoding alone (prefills excluded) **{_num(d.get('decode_speedup'))}**; per CPU "
+            f"second {_num(d.get('cpu_speedup'))}; dtype "
+            f"{d['dtype']} | {_ok(d['speedup'] >= d['target_speedup'])} |"
+        ]
+    if name == "adapters":
+        levels = d["levels"]
+        top = max(levels, key=int)
+        x = levels[top]
+        return [
+            f"| adapters held in one process (no target) | {top} adapters of rank {d['lora_r']}: "
+            f"**{_num(x['rss_per_adapter_mib'])} MiB** RSS each, first-use load p50 "
+            f"{_num(x['load_ms']['p50'])} ms ({_num(x['load_cpu_ms']['p50'])} ms CPU), switch "
+            f"overhead {_num(x['switch_overhead_ms'])} ms/request "
+            f"({_num(x['switch_overhead_cpu_ms'])} ms CPU) | mixed-adapter batch step / "
+            f"one-adapter step: "
+            f"{_num(x['mixed_over_same'])} | n/a |"
         ]
     if name == "chunking":
         at = str(d.get("worst_size", max(d["sizes"])))
@@ -404,6 +429,10 @@ def _detail(name: str, d: dict[str, Any], folder: Path, base: Path) -> list[str]
             )
         swap = d.get("swap") or {}
         lines += ["", f"Adapter swaps into a serving generator (ms): {swap.get('ms', swap)}.", ""]
+    elif name == "answers":
+        lines += _answers(d)
+    elif name == "adapters":
+        lines += _adapters(d)
     elif name == "chunking":
         lines += _chunking(d)
     return lines + _img(folder, name, base)
@@ -431,3 +460,69 @@ def _query_baseline(d: dict[str, Any]) -> str:
         f"{_num(e.get('dense_recall_at_10'))}"
         for name, e in others.items()
     )
+
+
+def _answers(d: dict[str, Any]) -> list[str]:
+    dt = d["dtypes"]
+    fp32, bf16 = dt["float32"], dt["bfloat16"]
+    lines = [
+        f"{d['generator']} ({d['dtype']}: {d['dtype_reason']}; {d['torch_threads']} torch "
+        f"threads), answer prompts of ~{d['prompt_tokens_mean']} tokens (system prompt + 3 tldr "
+        f"pages + question), {d['max_new_tokens']} new tokens each; n answers start together, "
+        "the concurrencies alternate round by round. Tokens/s counts every generated token over "
+        "the wall time from the start to the last answer's end, prefills included.",
+        "",
+        "| at once | tokens/s | × one | decode tokens/s | × one | tokens per CPU s | × one | "
+        "first token p50 s | first token max s | decode step ms | rows per step | identical to "
+        "alone |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for n, x in sorted(d["by_concurrency"].items(), key=lambda kv: int(kv[0])):
+        lines.append(
+            f"| {n} | {_num(x['tokens_per_s'])} | {_num(x['speedup'])} | "
+            f"{_num(x.get('decode_tokens_per_s'))} | {_num(x.get('decode_speedup'))} | "
+            f"{_num(x.get('tokens_per_cpu_s'))} | {_num(x.get('cpu_speedup'))} | "
+            f"{_num(x['first_token_p50_s'])} | {_num(x['first_token_max_s'])} | "
+            f"{_num(x['decode_step_ms'])} | {_num(x['rows_per_step'])} | "
+            f"{x['identical']}/{x['answers']} |"
+        )
+    lines += [
+        "",
+        f"Numeric type on this CPU (capability {dt['cpu_capability']}, native bf16: "
+        f"{dt['native_bf16']}): a 128×576 @ 576×1536 matmul takes "
+        f"{_num(fp32['matmul_ms'])} ms in float32 and {_num(bf16['matmul_ms'])} ms in bfloat16; "
+        f"one forward pass over 64 tokens {_num(fp32['forward_64_tokens_ms'])} vs "
+        f"{_num(bf16['forward_64_tokens_ms'])} ms (bf16 {_num(dt['bf16_over_fp32'])} × fp32). "
+        f"Chosen: {d['dtype']}.",
+        "",
+    ]
+    return lines
+
+
+def _adapters(d: dict[str, Any]) -> list[str]:
+    lines = [
+        f"Synthetic LoRA adapters (rank {d['lora_r']}, the trainer's targets) on {d['base_model']}"
+        f" held in one serving generator ({d['torch_threads']} torch threads); requests of "
+        f"{d['tokens_per_request']} tokens.",
+        "",
+        "Wall times on a shared machine move with its load; CPU times (the process's own CPU "
+        "seconds) say what the work costs.",
+        "",
+        "| held | RSS MiB | RSS / adapter MiB | params / adapter MiB | first-use load ms p50 / "
+        "p99 (CPU p50) | request ms: base / same adapter / a different adapter each time | "
+        "request CPU ms: same / different | switch overhead ms (CPU) | batch step ms: base / "
+        "one adapter / all different |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for n, x in sorted(d["levels"].items(), key=lambda kv: int(kv[0])):
+        r, b, rc = x["request_ms"], x["batch_step_ms"], x["request_cpu_ms"]
+        lines.append(
+            f"| {n} | {x['rss_mib']:,} | {_num(x['rss_per_adapter_mib'])} | "
+            f"{_num(x['param_mib_per_adapter'])} | {_num(x['load_ms']['p50'])} / "
+            f"{_num(x['load_ms']['p99'])} ({_num(x['load_cpu_ms']['p50'])}) | "
+            f"{_num(r['base'])} / {_num(r['same'])} / {_num(r['switching'])} | "
+            f"{_num(rc['same'])} / {_num(rc['switching'])} | {_num(x['switch_overhead_ms'])} "
+            f"({_num(x['switch_overhead_cpu_ms'])}) | {_num(b['base'])} / {_num(b['same'])} / "
+            f"{_num(b['mixed'])} |"
+        )
+    return [*lines, ""]

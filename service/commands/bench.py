@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 # In this order under `all`: ingest's bare pass and incremental's replay leave real vectors in
 # the run's memo, which freshness (its untimed snapshot) and query (its 10k/100k rows) reuse.
-# chunking needs neither the memo nor the stack, so it comes last.
-BENCHMARKS = ("ingest", "incremental", "freshness", "query", "lora", "chunking", "hostile")
+# answers, adapters and chunking need neither the memo nor the stack, so they come last.
+BENCHMARKS = ("ingest", "incremental", "freshness", "query", "lora", "answers", "adapters",
+              "chunking", "hostile")  # fmt: skip
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -143,7 +144,8 @@ def run_one(ctx: BenchContext, name: str, overrides: dict[str, Any] | None = Non
 def headline(figures: dict) -> str:
     keys = (
         "p50_s", "p99_s", "rate_eps", "pipeline_cps", "bare_cps", "ratio", "ratio_vs_whole_doc",
-        "p50_ms", "p99_ms", "chunks", "worst_class",
+        "p50_ms", "p99_ms", "chunks", "worst_class", "speedup", "dtype", "rss_per_adapter_mib",
+        "load_p50_ms", "switch_overhead_ms",
     )  # fmt: skip
     parts = [f"{k}={figures[k]}" for k in keys if k in figures]
     if "runs" in figures:
