@@ -216,3 +216,25 @@ def test_run_process_dies_with_its_parent(tmp_path):
         time.sleep(0.1)
     os.kill(child_pid, signal.SIGKILL)
     pytest.fail("the run process outlived its parent")
+
+
+def test_dtype_is_chosen_by_the_cpu_not_by_whether_bf16_works(monkeypatch):
+    import torch
+
+    import models.base as base
+
+    def choose(native: bool, fp32_s: float, bf16_s: float):
+        base.dtype_choice.cache_clear()
+        monkeypatch.setattr(base, "native_bf16", lambda: native)
+        times = {torch.float32: fp32_s, torch.bfloat16: bf16_s}
+        monkeypatch.setattr(base, "matmul_seconds", lambda dtype, repeats=3: times[dtype])
+        return base.dtype_choice("auto")
+
+    # bf16 "works" everywhere (emulated); without native support auto never takes it.
+    assert choose(False, 0.01, 0.001)[0] is torch.float32
+    assert "no native bf16" in choose(False, 0.01, 0.001)[1]
+    assert choose(True, 0.01, 0.02)[0] is torch.float32  # native but slower here
+    assert choose(True, 0.02, 0.01)[0] is torch.bfloat16
+    base.dtype_choice.cache_clear()
+    assert base.pick_dtype("float32") is torch.float32
+    assert base.pick_dtype("bfloat16") is torch.bfloat16
