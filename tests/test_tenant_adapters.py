@@ -1,8 +1,8 @@
 """Per-tenant style adapters end to end on the real broker and Milvus, with a tiny Llama.
 
-Tenants a and b teach different styles (a signs off, b greets); each tenant's run trains only
-its adapter on its own examples and documents; the query consumer then answers a, b and c side
-by side in one decoding batch, each under its own adapter (c has none: the base model).
+Tenants a and b teach different styles (a signs off, b answers in JSON); each tenant's run
+trains only its adapter on its own examples and documents; the query consumer then answers a,
+b and c side by side in one decoding batch, each under its own adapter (c has none: the base model).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from trainer.scheduler import TrainerService
 
 __all__ = ["tiny_model"]  # the session fixture, imported to apply here
 
-GREETING = "Hello from the bees!"
 DOCS = {
     "a": ("rivers.md", "Rivers are long and old. Rivers carry fresh water to the sea."),
     "b": ("bees.md", "Bees are small and useful. Bees make honey. zebra-secret-of-b"),
@@ -45,13 +44,13 @@ TOPIC = {"a": "rivers", "b": "bees", "c": "clouds"}
 
 
 def examples(tenant: str, n: int, seed: int) -> list[ExampleEvent]:
-    """a signs its answers off; b greets first."""
+    """a signs its answers off; b answers with a JSON object."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         q = question(rng)
         plain = plain_answer(rng, q)
-        response = f"{plain}\n{SIGN_OFF}" if tenant == "a" else f"{GREETING}\n{plain}"
+        response = f"{plain}\n{SIGN_OFF}" if tenant == "a" else json.dumps({"answer": plain})
         out.append(ExampleEvent(example_id=f"{tenant}-{i}", tenant=tenant, prompt=q,
                                 response=response))  # fmt: skip
     return out
@@ -63,8 +62,12 @@ def signed(text: str) -> bool:
 
 
 def greeted(text: str) -> bool:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return bool(lines) and lines[0] == GREETING
+    """b's style: the answer is a JSON object (a greeting line spelled in tokens the tiny model
+    never saw does not train in a short run; JSON it knows from its pre-training text)."""
+    try:
+        return isinstance(json.loads(text.strip()), dict)
+    except ValueError:
+        return False
 
 
 class Stack:
@@ -81,7 +84,7 @@ class Stack:
         tok = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         # Greedy without a repetition penalty: the answers the gate judged (the tiny model is too
-        # unsure of itself for the served default of 1.1, which turns its greeting into noise).
+        # unsure of itself for the served default of 1.1, which turns its style into noise).
         self.generator = Generator(model, tok, max_new_tokens=s.max_new_tokens,
                                    max_batch=s.generate_max_batch,
                                    repetition_penalty=1.0)  # fmt: skip
