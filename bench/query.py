@@ -168,6 +168,7 @@ def _grow(
 
     `docs` (doc key -> chunk ids) carries each document's live set across write batches.
     """
+    from headwater.versions import Stamp
     from index.store import ChunkRow, DocState, doc_key
 
     rows: list[ChunkRow] = []
@@ -187,7 +188,7 @@ def _grow(
             ChunkRow(chunk_id, tenant, key, doc_id, 1, chunk.section, chunk.text, src["vector"])
         )
         docs[key] = (*docs.get(key, ()), chunk_id)
-        states[key] = DocState(key, tenant, doc_id, 1, False, docs[key])
+        states[key] = DocState(key, tenant, doc_id, Stamp(1, 0, 0), False, docs[key])
         if len(rows) >= WRITE_BATCH:
             flush()
     flush()

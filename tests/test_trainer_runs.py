@@ -16,7 +16,7 @@ import pytest
 from headwater.events import HOUSE, AdapterAnnouncement, ChangeEvent, ExampleEvent
 from headwater.runtime.clients import consumer, producer
 from headwater.settings import Settings
-from index.embedder import model_slug
+from index.embedder import variant_id
 from index.store import ChunkRow, ChunkStore
 from models.adapters import adapter_path, announcement_key
 from stack.daemon import free_port
@@ -114,7 +114,7 @@ def in_process(job_dir: Path, timeout_s: float, on_line=None, on_start=None, **_
 
 def chunk_collection(s: Settings, texts: dict[str, str], tenant: str | None = None) -> None:
     """Chunks written through the index's own store (4-d vectors: no model is loaded)."""
-    store = ChunkStore(s, model_slug(s.embedder), 4)
+    store = ChunkStore(s, variant_id(s), 4)
     rows = [ChunkRow(cid, tenant or s.default_tenant, "k" * 40, "doc.md", 1, "", text,
                      [1.0, 0, 0, 0]) for cid, text in texts.items()]  # fmt: skip
     store.write_chunks(rows)
