@@ -76,12 +76,7 @@ def _search(settings: Settings, args: argparse.Namespace) -> int:
         keys = ("doc_id", "version", "chunk_id", "score", "text")
         print(json.dumps({"hits": [{k: getattr(h, k) for k in keys} for h in hits]}))
         return 0
-    if not hits:
-        print("no results")
-    for i, h in enumerate(hits, 1):
-        where = f"{h.doc_id} (v{h.version})" + (f" § {h.section}" if h.section else "")
-        print(f"[{i}] {h.score:.4f}  {where}")
-        print("    " + " ".join(h.text.split())[:300])
+    remote.show_hits(hits)
     return 0
 
 

@@ -96,18 +96,8 @@ def _ask(settings: Settings, args: argparse.Namespace) -> int:
         return _fail(exc)
     finally:
         client.close()
-    if args.json:
-        return 0
-    if answered:
-        print("\n")
-    if not hits:
-        print("No sources found.")
-    for i, h in enumerate(hits, start=1):
-        where = f", {h.section}" if h.section else ""
-        print(f"[{i}] {h.doc_id} (v{h.version}{where}) score {h.score:.3f}")
-        if args.search_only:
-            snippet = " ".join(h.text.split())
-            print(f"    {snippet[:300]}{'...' if len(snippet) > 300 else ''}")
+    if not args.json:
+        remote.show_sources(hits, answered=answered, snippets=args.search_only)
     return 0
 
 

@@ -63,13 +63,32 @@ def search(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"hits": [h.to_dict() for h in hits]}))
         return 0
+    show_hits(hits)
+    return 0
+
+
+def show_hits(hits: list[Any]) -> None:
+    """A search's hits for a person (the CLI's Kafka and --url modes print the same)."""
     if not hits:
         print("no results")
     for i, h in enumerate(hits, 1):
         where = f"{h.doc_id} (v{h.version})" + (f" § {h.section}" if h.section else "")
         print(f"[{i}] {h.score:.4f}  {where}")
         print("    " + " ".join(h.text.split())[:300])
-    return 0
+
+
+def show_sources(hits: list[Any], *, answered: bool, snippets: bool = False) -> None:
+    """What follows a streamed answer: its sources (with their text when only searching)."""
+    if answered:
+        print("\n")
+    if not hits:
+        print("No sources found.")
+    for i, h in enumerate(hits, start=1):
+        where = f", {h.section}" if h.section else ""
+        print(f"[{i}] {h.doc_id} (v{h.version}{where}) score {h.score:.3f}")
+        if snippets:
+            snippet = " ".join(h.text.split())
+            print(f"    {snippet[:300]}{'...' if len(snippet) > 300 else ''}")
 
 
 def ask(args: argparse.Namespace) -> int:
@@ -92,15 +111,8 @@ def ask(args: argparse.Namespace) -> int:
         if answered:
             print()
         return _fail(exc)
-    if args.json:
-        return 0
-    if answered:
-        print("\n")
-    if not hits:
-        print("No sources found.")
-    for i, h in enumerate(hits, start=1):
-        where = f", {h.section}" if h.section else ""
-        print(f"[{i}] {h.doc_id} (v{h.version}{where}) score {h.score:.3f}")
+    if not args.json:
+        show_sources(hits, answered=answered)
     return 0
 
 
