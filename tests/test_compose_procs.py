@@ -165,9 +165,9 @@ def test_compose_as_processes_survives_an_indexer_kill(tmp_path: Path, monkeypat
         try:
             run.up()
             publish_search_ask(run)
-            publisher = Publisher(run, "small", count=40)
+            publisher = Publisher(run, "small", count=20)
             publisher.thread.start()
-            assert _until(lambda: len(publisher.acked) >= 10, 120)
+            assert _until(lambda: len(publisher.acked) >= 6, 120)
             run.kill(run.procs["indexer-1"])
             publisher.thread.join(300)
             nothing_acknowledged_is_lost(run, publisher, monkeypatch, capsys)

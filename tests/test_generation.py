@@ -299,8 +299,13 @@ def test_a_closed_stream_leaves_the_batch_and_the_others_go_on(adapters):
     gate = Gate(gen.base, at=3)
     doomed, kept = gen.stream(p1), gen.stream(p2)
     assert gate.entered.wait(30)
-    doomed.close()
+    # close() waits for the decoding thread to let go, which the gate holds: close meanwhile.
+    closer = threading.Thread(target=doomed.close)
+    closer.start()
+    assert _wait(doomed.closed.is_set)
     gate.release()
+    closer.join(30)
+    assert not closer.is_alive()
     assert "".join(kept) == ref
     assert len(doomed.produced) < 40
     list(doomed)  # its end was signalled: reading it does not block

@@ -68,23 +68,23 @@ from tests.indexing import send
 class Scale:
     """How hard each scenario pushes: CI runs the defaults, `make soak` the SOAK values."""
 
-    kills: int = 3
-    kill_docs: int = 40
-    kill_events: int = 120
+    kills: int = 2
+    kill_docs: int = 30
+    kill_events: int = 80
     broker_outages: int = 1
-    broker_docs: int = 90
+    broker_docs: int = 50
     milvus_outages: int = 1
-    milvus_docs: int = 40
-    milvus_events: int = 90
-    replay_docs: int = 40
-    replay_events: int = 120
-    replays: int = 3
+    milvus_docs: int = 30
+    milvus_events: int = 60
+    replay_docs: int = 30
+    replay_events: int = 90
+    replays: int = 2
     group_processes: int = 1
-    group_toggles: int = 4
+    group_toggles: int = 2
     group_kills: int = 0
-    group_docs: int = 40
-    group_events: int = 120
-    fuzz_examples: int = 4
+    group_docs: int = 30
+    group_events: int = 80
+    fuzz_examples: int = 3
     fuzz_events: int = 70  # per example
     fuzz_derandomize: bool = True  # CI: the same examples every run; soak: new ones
     fuzz_check_every: int = 1  # examples between full checks (and one at the end)

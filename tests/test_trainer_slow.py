@@ -1,4 +1,8 @@
-"""The real offline base model (SmolLM2-135M-Instruct): conversion, a short LoRA run, hot swap."""
+"""The real offline base model (SmolLM2-135M-Instruct): conversion, a short LoRA run, hot swap.
+
+`make soak` only (~100 s): `make test` trains the tiny model through the same code
+(tests/test_trainer_runs.py) and loads and answers with the real one (tests/test_answerer.py).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from trainer.scheduler import TrainerService
 TOPICS = ["Kafka", "Milvus", "LoRA", "Python", "a river", "a compacted topic", "an index"]
 
 
+@pytest.mark.soak
 @pytest.mark.slow
 def test_real_model_conversion_lora_run_and_adapter_swap(settings):
     import torch
