@@ -31,7 +31,8 @@ K = 3
 def params(quick: bool) -> dict[str, Any]:
     if quick:
         return {"concurrency": [1, 4, 8], "rounds": 1, "max_new_tokens": 24}
-    return {"concurrency": [1, 4, 8], "rounds": 2, "max_new_tokens": 64}
+    # Answers as long as the product lets them be (settings.max_new_tokens' default).
+    return {"concurrency": [1, 4, 8], "rounds": 2, "max_new_tokens": 160}
 
 
 def prompts(n: int) -> list[list[dict[str, str]]]:
@@ -87,6 +88,7 @@ def run(ctx: BenchContext, *, concurrency: list[int], rounds: int, max_new_token
         x["decode_speedup"] = round(x["decode_tokens_per_s"] / one["decode_tokens_per_s"], 2)
         x["cpu_speedup"] = round(x["tokens_per_cpu_s"] / one["tokens_per_cpu_s"], 2)
     top = by_n[str(max(concurrency))]
+    bound = _bound(generator, asks, by_n, per_n)
     figures = {
         "generator": s.generator,
         "dtype": str(dtype).removeprefix("torch."),
@@ -103,11 +105,45 @@ def run(ctx: BenchContext, *, concurrency: list[int], rounds: int, max_new_token
         "target_speedup": 4.0,
         "identical_to_alone": sum(x["identical"] for x in by_n.values()),
         "answers_compared": sum(x["answers"] for x in by_n.values()),
+        "bound": bound,
         "dtypes": _dtypes(s, generator),
     }
     generator.close()
     write_result(ctx, NAME, figures, started)
     return figures
+
+
+def _bound(
+    generator: Any, asks: list[Any], by_n: dict[str, Any], per_n: dict[int, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """What batching can give at best with this model on this CPU, from this run's own costs.
+
+    n answers of T tokens each cost n prefills (a prompt's prefill is already a matrix-matrix
+    product: batching prompts saves no arithmetic) plus T decode steps of n rows; one answer
+    costs one prefill plus T one-row steps. The bound is the ratio of the two.
+    """
+    import torch
+
+    from consumers.batch import prefill
+
+    times = []
+    with torch.inference_mode():
+        for p in asks:
+            ids = generator.encode(p)["input_ids"]
+            t0 = time.perf_counter()
+            prefill(generator.base, ids, None, False)
+            times.append(time.perf_counter() - t0)
+    pre = sum(times) / len(times)
+    n = max(per_n)
+    step1, stepn = by_n["1"]["decode_step_ms"] / 1000, by_n[str(n)]["decode_step_ms"] / 1000
+    tokens = sum(r["tokens"] for r in per_n[n]) / sum(len(r["first_s"]) for r in per_n[n])
+    return {
+        "prefill_ms": round(1000 * pre, 1),
+        "tokens_per_answer": round(tokens, 1),
+        "at_once": n,
+        "speedup": round(n * (pre + tokens * step1) / (n * pre + tokens * stepn), 2),
+        "decode_only_speedup": round(n * step1 / stepn, 2),
+    }
 
 
 def _together(generator: Any, asks: list[Any], alone: dict[int, str]) -> dict[str, Any]:

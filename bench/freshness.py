@@ -10,8 +10,9 @@ moment a search returns the new text), a delete once the tombstone is there. Eve
 line, timed the same way.
 
 With `lora` > 0, a LoRA refresh on that many new examples (the lora benchmark's job, in its own
-process as the scheduler runs it) starts with the timed replay, so freshness is measured while
-training competes for the cores.
+process as the scheduler runs it: niced, its thread share, paused while the indexer lags) starts
+half-way through the timed replay: the first half is the same-run baseline without training,
+the second half measures freshness while training competes for the cores.
 """
 
 from __future__ import annotations
@@ -98,10 +99,19 @@ def run(
                 wait_caught_up(s, timeout=7200, worker=worker)
                 snapshot_s = time.monotonic() - t0
                 embedder.use_memo = False  # from here on every chunk is embedded for real
+                # With a LoRA refresh: the first half of the history is replayed alone (the
+                # same-run baseline), the second half while the refresh runs.
+                half = len(history) // 2 if lora else 0
+                baseline = None
+                if half:
+                    alone = _replay_timed(s, pub, history[:half], rate, sample_every, to_event,
+                                          doc_key, ChunkStore, Searcher, load_embedder,
+                                          embedder, worker)  # fmt: skip
+                    baseline = _latencies(alone)
                 before = ix.stats.embedded
                 training = _Training(s, lora) if lora else None
-                timed = _replay_timed(s, pub, history, rate, sample_every, to_event, doc_key,
-                                      ChunkStore, Searcher, load_embedder, embedder,
+                timed = _replay_timed(s, pub, history[half:], rate, sample_every, to_event,
+                                      doc_key, ChunkStore, Searcher, load_embedder, embedder,
                                       worker)  # fmt: skip
                 embedded = ix.stats.embedded - before
                 trained = training.result() if training else None
@@ -144,10 +154,24 @@ def run(
         "coalesced": ix.stats.coalesced,
         "indexer_batches": ix.stats.batches,
         "lora_during_replay": trained,
+        "without_training": baseline,
     }
     write_result(ctx, NAME, figures, started)
     _plot(ctx, lat, searches, figures)
     return figures
+
+
+def _latencies(timed: tuple[list[_Pending], list[float], float, list[float]]) -> dict[str, Any]:
+    """Seconds from ack to visible of one timed replay (the baseline half's figures)."""
+    pending, searches, held_rate, _ = timed
+    pct = percentiles([p.seen - p.acked for p in pending if p.seen is not None])
+    return {
+        "events": len(pending),
+        "never_visible": sum(p.seen is None for p in pending),
+        "rate_eps": round(held_rate, 2),
+        **{f"{k}_s": round(pct[k], 3) for k in ("p50", "p95", "p99", "max")},
+        "search_p99_s": round(percentiles(searches)["p99"], 3),
+    }
 
 
 class _Training:
@@ -162,10 +186,16 @@ class _Training:
         self.out: dict[str, Any] = {}
 
         def run() -> None:
+            from trainer.freshness import Backlog
+
+            backlog = Backlog(s)  # what the trainer service consults: freshness first
             try:
-                self.out = lora.refresh(s, "v0001-fresh", new, buffer, held, [])
+                self.out = lora.refresh(s, "v0001-fresh", new, buffer, held, [],
+                                        hold=backlog.hold)  # fmt: skip
             except Exception as exc:  # reported in the figures, not fatal to the replay
                 self.out = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            finally:
+                backlog.close()
             self.out["finished_after_s"] = round(time.monotonic() - self.started, 1)
 
         self.thread = threading.Thread(target=run, name="bench-lora", daemon=True)

@@ -99,8 +99,12 @@ def run(
 def refresh(
     s: Any, version: str, new: list[Any], buffer: list[Any], held: list[Any],
     doc_texts: list[str], steps: int | None = None, gate_tokens: int | None = None,
+    hold: Any = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """One training run as the scheduler builds it, in its own process; its figures."""
+    """One training run as the scheduler builds it, in its own process; its figures.
+
+    `hold` is the scheduler's freshness check (trainer.freshness.Backlog.hold): the run is
+    paused while it says so, as the trainer service pauses it."""
     from headwater.threads import budget
     from trainer.dataset import plan_steps
     from trainer.run import JobSpec, launch, read_result
@@ -129,11 +133,17 @@ def refresh(
         dtype=s.train_dtype,
         seed=s.train_seed,
         threads=budget(s).train,
+        nice=s.train_nice,  # as the scheduler launches it
         trigger="bench",
     )
     (job_dir / "job.json").write_text(job.model_dump_json())
     peak = _PeakRss()
-    outcome = launch(job_dir, s.train_timeout_s, on_start=peak.watch)
+    holds: list[tuple[float, str | None]] = []
+    t0 = time.monotonic()
+    outcome = launch(
+        job_dir, s.train_timeout_s, on_start=peak.watch, hold=hold, check_s=s.train_lag_check_s,
+        on_hold=lambda why: holds.append((round(time.monotonic() - t0, 1), why)),
+    )  # fmt: skip
     peak.stop()
     result = read_result(job_dir) or {}
     if result.get("status") != "trained":
@@ -152,12 +162,28 @@ def refresh(
         if result.get("train_seconds")
         else None,
         "peak_rss_mib": round(peak.peak / 2**20),
+        "paused": sum(1 for _, why in holds if why),
+        "paused_s": _paused_seconds(holds, outcome.seconds),
+        "holds": holds[:20],
         "final_loss": result.get("final_loss"),
         "heldout_loss": [
             (result.get("before") or {}).get("loss"),
             (result.get("after") or {}).get("loss"),
         ],
     }
+
+
+def _paused_seconds(holds: list[tuple[float, str | None]], total: float) -> float:
+    """Seconds the run spent stopped, from the (time, reason or None) changes of `hold`."""
+    paused, since = 0.0, None
+    for at, why in holds:
+        if why and since is None:
+            since = at
+        elif not why and since is not None:
+            paused, since = paused + at - since, None
+    if since is not None:
+        paused += max(0.0, total - since)
+    return round(paused, 1)
 
 
 class _PeakRss:

@@ -124,7 +124,8 @@ def _summary(name: str, d: dict[str, Any]) -> list[str]:
             f"| freshness p99 ≤ 2 s | p99 **{_num(d['p99_s'])} s** (p50 {_num(d['p50_s'])}, p95 "
             f"{_num(d['p95_s'])}) over {d['events']:,} events at {_num(d['rate_eps'])} ev/s | "
             f"search-confirmed sample: p99 {_num(d['search_p99_s'])} s (n={d['search_confirmed']})"
-            f" | {_ok(d['p99_s'] <= 2.0 and d['never_visible'] == 0)} |"
+            f" | {_ok(d['p99_s'] <= 2.0 and d['never_visible'] == 0)} |",
+            *_freshness_with_training(d),
         ]
     if name == "ingest":
         counted = [r["ratio"] for r in d.get("rounds") or [] if not r.get("profiled")]
@@ -181,7 +182,8 @@ def _summary(name: str, d: dict[str, Any]) -> list[str]:
             f"a time: {_num(by['1']['tokens_per_s'])} tokens/s → ratio **{_num(d['speedup'])}**;"
             f" decoding alone (prefills excluded) **{_num(d.get('decode_speedup'))}**; per CPU "
             f"second {_num(d.get('cpu_speedup'))}; dtype "
-            f"{d['dtype']} | {_ok(d['speedup'] >= d['target_speedup'])} |"
+            f"{d['dtype']}{_bound_note(d.get('bound'))} | "
+            f"{_ok(d['speedup'] >= d['target_speedup'])} |"
         ]
     if name == "adapters":
         levels = d["levels"]
@@ -254,6 +256,29 @@ def _img(folder: Path, name: str, base: Path) -> list[str]:
     return [f"![{name}]({rel.as_posix()})", ""]
 
 
+def _bound_note(b: dict[str, Any] | None) -> str:
+    if not b:
+        return ""
+    return (
+        f"; at best on this CPU {_num(b['speedup'])} (prefill {_num(b['prefill_ms'])} ms per "
+        f"prompt, {b['at_once']}-row step costs {_num(b['decode_only_speedup'])} × less than "
+        f"{b['at_once']} one-row steps)"
+    )
+
+
+def _freshness_with_training(d: dict[str, Any]) -> list[str]:
+    lora, alone = d.get("lora_during_replay"), d.get("without_training")
+    if not (lora and alone):
+        return []
+    return [
+        f"| freshness p99 ≤ 2 s with a LoRA refresh running | p99 **{_num(d['p99_s'])} s** over "
+        f"the {d['events']:,} events replayed while it ran ({lora.get('status')}, paused "
+        f"{lora.get('paused', 0)} × for {_num(lora.get('paused_s'))} s) | without training, "
+        f"earlier in the same run: p99 {_num(alone['p99_s'])} s over {alone['events']:,} events "
+        f"at {_num(alone['rate_eps'])} ev/s | {_ok(d['p99_s'] <= 2.0)} |"
+    ]
+
+
 def _detail(name: str, d: dict[str, Any], folder: Path, base: Path) -> list[str]:
     lines = [f"### {name}", ""]
     if name == "freshness":
@@ -282,9 +307,24 @@ def _detail(name: str, d: dict[str, Any], folder: Path, base: Path) -> list[str]
             lines += [
                 f"A LoRA refresh ran during the replay ({lora.get('new_examples')} new examples, "
                 f"{lora.get('steps')} steps, status {lora.get('status')}): it took "
-                f"{_num(lora.get('seconds'))} s of the replay's {_num(lora.get('replay_s'))} s.",
+                f"{_num(lora.get('seconds'))} s (paused {lora.get('paused', 0)} × by the "
+                f"indexer's lag, {_num(lora.get('paused_s'))} s in all) and ended "
+                f"{_num(lora.get('finished_after_s'))} s after it started; the replay beside it "
+                f"took {_num(lora.get('replay_s'))} s.",
                 "",
             ]
+            alone = d.get("without_training")
+            if alone:
+                lines += [
+                    "| seconds from ack | p50 | p95 | p99 | max | events |",
+                    "| --- | --- | --- | --- | --- | --- |",
+                    f"| first half, no training | {_num(alone['p50_s'])} | {_num(alone['p95_s'])}"
+                    f" | {_num(alone['p99_s'])} | {_num(alone['max_s'])} | {alone['events']:,} |",
+                    f"| second half, LoRA refresh running | {_num(d['p50_s'])} | "
+                    f"{_num(d['p95_s'])} | {_num(d['p99_s'])} | {_num(d['max_s'])} | "
+                    f"{d['events']:,} |",
+                    "",
+                ]
     elif name == "ingest":
         v = d.get("variants") or {}
         lines += [

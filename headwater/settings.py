@@ -269,13 +269,13 @@ class Settings(BaseSettings):
         default=10, ge=0, le=19, description="OS niceness of a training run (yields to the rest)."
     )
     train_max_index_lag: int = Field(
-        default=100,
+        default=10,
         ge=0,
         description="Training waits, and a run pauses, while the indexer lags more document "
         "events than this.",
     )
     train_lag_check_s: float = Field(
-        default=2.0, gt=0, description="How often a running training run checks the lag."
+        default=0.5, gt=0, description="How often a running training run checks the lag."
     )
 
     # -- compute threads (0: from the budget, see headwater.threads) ----------------------------

@@ -160,9 +160,25 @@ def test_report_renders_results(tmp_path: Path) -> None:
         "batch_size": 64, "variants": {"fp32_bs32": {"cps": 1.0, "dense_recall_at_5": 1.0}},
     }  # fmt: skip
     (tmp_path / "ingest.json").write_text(json.dumps(ing))
+    half = {"events": 600, "never_visible": 0, "rate_eps": 5.0, "p50_s": 0.2, "p95_s": 0.5,
+            "p99_s": 0.8, "max_s": 1.1, "search_p99_s": 0.7}  # fmt: skip
+    fresh = {
+        "benchmark": "freshness", **common, **half, "p99_s": 1.5, "upserts": 590, "deletes": 10,
+        "snapshot_docs": 9, "rate_target_eps": 5.0, "chunks_embedded": 800,
+        "chunks_per_event": 1.3, "batch_max_events": 500, "batch_max_ms": 100, "mean_s": 0.3,
+        "search_confirmed": 20, "search_p50_s": 0.3, "publish_ack_p50_ms": 9.0,
+        "from_send_p99_s": 1.6, "without_training": half,
+        "lora_during_replay": {"status": "trained", "paused": 3, "paused_s": 12.5,
+                               "new_examples": 200, "steps": 50, "seconds": 300.0,
+                               "finished_after_s": 301.0, "replay_s": 120.0},
+    }  # fmt: skip
+    (tmp_path / "freshness.json").write_text(json.dumps(fresh))
     path = report.write(tmp_path)
     text = path.read_text()
     assert "| ingest ≥ 0.9 × bare |" in text and "ratio **0.9**" in text
+    assert "| freshness p99 ≤ 2 s with a LoRA refresh running | p99 **1.5 s**" in text
+    assert "paused 3 × for 12.5 s" in text and "earlier in the same run: p99 0.8 s" in text
+    assert "| first half, no training | 0.2 | 0.5 | 0.8 | 1.1 | 600 |" in text
     assert report.MARKER in text
     # Hand-written notes survive a rewrite.
     path.write_text(text.replace("_No notes yet._", "kept note"))

@@ -13,6 +13,7 @@ from headwater.settings import Settings
 from trainer.dataset import plan_steps
 from trainer.drift import Counts, DriftState, Figures
 from trainer.examples import is_heldout
+from trainer.freshness import Backlog
 from trainer.gate import Metrics, judge
 from trainer.policy import decide
 from trainer.style import StyleProfile
@@ -238,3 +239,13 @@ def test_dtype_is_chosen_by_the_cpu_not_by_whether_bf16_works(monkeypatch):
     base.dtype_choice.cache_clear()
     assert base.pick_dtype("float32") is torch.float32
     assert base.pick_dtype("bfloat16") is torch.bfloat16
+
+
+def test_a_held_run_resumes_only_once_the_backlog_is_under_half_the_bound(monkeypatch):
+    backlog = Backlog(Settings(train_max_index_lag=10))
+    lags = iter([5, 11, 8, 6, 5, 9, 11, None, 3])
+    monkeypatch.setattr(backlog, "lag", lambda: next(lags))
+    held = [backlog.hold() is not None for _ in range(9)]
+    # 11 > 10 holds; 8 and 6 are under the bound but over half of it: still held; 5 resumes;
+    # 9 does not hold again (the full bound applies once running); an unknown lag holds nothing.
+    assert held == [False, True, True, True, False, False, True, False, False]

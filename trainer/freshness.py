@@ -4,7 +4,7 @@ appears.
 The backlog is the indexer group's lag on the documents topic (`headwater.progress`): document
 events written but not yet applied. Above `train_max_index_lag` no run starts (the scheduler
 says "deferred" and why), and a run in progress is stopped (SIGSTOP) until the lag is back
-within the bound (SIGCONT): on a small machine a LoRA run would otherwise take the cores the
+within half the bound (SIGCONT): on a small machine a LoRA run would otherwise take the cores the
 embedder needs, and searches would fall behind. A lag that cannot be read (the broker away, no
 documents topic yet) holds nothing back: the freshness path has nothing to protect then.
 """
@@ -29,6 +29,7 @@ class Backlog:
         self.settings = settings
         self._progress: Progress | None = None
         self.last_lag: int | None = None
+        self._holding = False
 
     def lag(self) -> int | None:
         """Document events the indexer has not applied yet; None when unknown."""
@@ -45,9 +46,14 @@ class Backlog:
     def hold(self) -> str | None:
         """Why training must wait now (the indexer's backlog), or None."""
         lag = self.lag()
+        # Hysteresis: once holding, wait until the indexer has nearly caught up, or the run
+        # takes the cores back at the bound and the backlog never drains (measured: a run
+        # resumed at the bound kept a 5 ev/s replay ~20 s behind).
         limit = self.settings.train_max_index_lag
-        if lag is not None and lag > limit:
-            return f"indexer lag {lag} document events > {limit}: freshness first"
+        bound = limit // 2 if self._holding else limit
+        self._holding = lag is not None and lag > bound
+        if self._holding:
+            return f"indexer lag {lag} document events > {bound}: freshness first"
         return None
 
     def close(self) -> None:
