@@ -161,7 +161,12 @@ def test_waiting_searches_are_bounded_per_tenant_and_others_pass(gateway):
     results: list = []
     runner = threading.Thread(target=lambda: results.append(_storm(gateway.url, storm)))
     runner.start()
-    time.sleep(1.0)  # a's searches hold their slots now
+    deadline = time.monotonic() + 60  # until a's searches hold their slots (a loaded machine
+    while time.monotonic() < deadline:  # took more than the 1 s this once slept)
+        with lock:
+            if inside["a"] >= s.tenant_search_limit:
+                break
+        time.sleep(0.05)
     t0 = time.monotonic()
     r = httpx.get(gateway.url + "/v1/search", params={"q": "x"},
                   headers={"Authorization": "Bearer tok-b"}, timeout=60)  # fmt: skip

@@ -50,10 +50,12 @@ class Backlog:
         # takes the cores back at the bound and the backlog never drains (measured: a run
         # resumed at the bound kept a 5 ev/s replay ~20 s behind).
         limit = self.settings.train_max_index_lag
-        bound = limit // 2 if self._holding else limit
-        self._holding = lag is not None and lag > bound
-        if self._holding:
-            return f"indexer lag {lag} document events > {bound}: freshness first"
+        if lag is not None and lag > limit:
+            self._holding = True
+            return f"indexer lag {lag} document events > {limit}: freshness first"
+        if self._holding and lag is not None and lag > limit // 2:
+            return f"indexer lag {lag} document events, not yet ≤ {limit // 2}: freshness first"
+        self._holding = False
         return None
 
     def close(self) -> None:
