@@ -3,6 +3,7 @@ a run in progress pauses while one lasts (a tiny Llama, in its own niced process
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -78,6 +79,7 @@ def test_training_defers_to_the_indexer_and_pauses_on_a_backlog(settings, tiny_m
         pid = service.running_pid
         proc = psutil.Process(pid)
         assert proc.nice() >= psutil.Process().nice() + 5  # niced: it yields the cores
+        assert os.sched_getscheduler(pid) == os.SCHED_IDLE  # only cycles nobody else wants
         until(lambda: cpu_s(proc) > 2, 300, "the run to work")
         indexer.close()  # a backlog appears while the run trains
         for i in range(5, 10):

@@ -367,12 +367,16 @@ def launch(
 
 
 def _renice(pid: int, job_dir: Path) -> None:
-    """Lower the run's OS priority by the job's `nice` (relative to ours)."""
+    """Lower the run's OS priority by the job's `nice` (relative to ours), and on Linux make it
+    SCHED_IDLE: a niced process still takes ~10 % of a busy core from the indexer, an idle-class
+    one only cycles nobody else wants (measured: freshness p99 during a run's start-up)."""
     nice = JobSpec.model_validate_json((job_dir / "job.json").read_text()).nice
     if nice:
         try:
             own = os.getpriority(os.PRIO_PROCESS, 0)
             os.setpriority(os.PRIO_PROCESS, pid, min(19, own + nice))
+            if hasattr(os, "SCHED_IDLE"):
+                os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
         except ProcessLookupError:
             pass  # it is gone already; its exit code says why
 
