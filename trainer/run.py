@@ -5,9 +5,9 @@ needs, starts this module with `launch` (killed after a bounded timeout) and rea
 JOBDIR/result.json. Running apart keeps the parent small and lets a stuck or runaway run be
 killed without harm: the adapter is written to `.tmp-<version>` and renamed to its final folder
 only once complete, and nothing is promoted here. It also lets the parent put the run in the
-background: it runs niced with the training share of the thread budget, and `launch` stops it
-(SIGSTOP) while a `hold` callback says so (the indexer's backlog) and resumes it after (SIGCONT);
-paused time does not count toward the timeout.
+background: it runs niced (idle scheduling class on Linux) with the training share of the thread
+budget, and `launch` stops it (SIGSTOP) while a `hold` callback says so (the indexer's backlog)
+and resumes it after (SIGCONT); paused time does not count toward the timeout.
 """
 
 from __future__ import annotations
