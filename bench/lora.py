@@ -162,8 +162,8 @@ def refresh(
         if result.get("train_seconds")
         else None,
         "peak_rss_mib": round(peak.peak / 2**20),
-        "paused": sum(1 for _, why in holds if why),
-        "paused_s": _paused_seconds(holds, outcome.seconds),
+        "paused": outcome.pauses,
+        "paused_s": outcome.paused_s,
         "holds": holds[:20],
         "final_loss": result.get("final_loss"),
         "heldout_loss": [
@@ -171,19 +171,6 @@ def refresh(
             (result.get("after") or {}).get("loss"),
         ],
     }
-
-
-def _paused_seconds(holds: list[tuple[float, str | None]], total: float) -> float:
-    """Seconds the run spent stopped, from the (time, reason or None) changes of `hold`."""
-    paused, since = 0.0, None
-    for at, why in holds:
-        if why and since is None:
-            since = at
-        elif not why and since is not None:
-            paused, since = paused + at - since, None
-    if since is not None:
-        paused += max(0.0, total - since)
-    return round(paused, 1)
 
 
 class _PeakRss:
