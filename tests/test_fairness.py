@@ -30,7 +30,7 @@ from producers.publisher import DocumentPublisher
 from service.gateway import create_app, serve
 from stack.daemon import free_port, port_open
 from tests.test_answerer import FakeHit, FakeSearcher, _read_answer
-from tests.test_generation import Gate, one_torch_thread, tiny_generator
+from tests.test_generation import Gate, _wait, one_torch_thread, tiny_generator
 
 __all__ = ["one_torch_thread"]
 
@@ -161,12 +161,8 @@ def test_waiting_searches_are_bounded_per_tenant_and_others_pass(gateway):
     results: list = []
     runner = threading.Thread(target=lambda: results.append(_storm(gateway.url, storm)))
     runner.start()
-    deadline = time.monotonic() + 60  # until a's searches hold their slots (a loaded machine
-    while time.monotonic() < deadline:  # took more than the 1 s this once slept)
-        with lock:
-            if inside["a"] >= s.tenant_search_limit:
-                break
-        time.sleep(0.05)
+    # Until a's searches hold their slots (a loaded machine took more than the 1 s once slept).
+    _wait(lambda: inside["a"] >= s.tenant_search_limit, 60)
     t0 = time.monotonic()
     r = httpx.get(gateway.url + "/v1/search", params={"q": "x"},
                   headers={"Authorization": "Bearer tok-b"}, timeout=60)  # fmt: skip
